@@ -1,0 +1,97 @@
+"""Threshold (tau) and reject band from held-out NORMAL footage only.
+
+tau is the frame score that a share ``false_alarm_rate`` of held-out normal frames exceeds; the reject
+band spans the scores exceeded by ``reject_band`` = (low, high) shares of them. Test labels never
+enter here: they are used only by model/evaluate.py to report figures.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from model.config import TrainConfig
+from model.data import EncodedClip
+from model.patches import GridShape
+from model.scoring import COMPONENTS, Calibration, Scorer, causal_mean, patch_scores, sigmoid_width
+
+FRAMES_PER_CHUNK = 32
+
+
+def clip_raw_scores(scorer: Scorer, channels: np.ndarray) -> tuple[torch.Tensor, GridShape]:
+    """(T, C, H, W) uint8 channels of one clip -> ((T, patches per frame, 3) components, grid)."""
+    parts = []
+    grid = GridShape(0, 0)
+    for start in range(0, channels.shape[0], FRAMES_PER_CHUNK):
+        patches, grid = scorer.frame_patches(channels[start : start + FRAMES_PER_CHUNK])
+        parts.append(scorer.raw_scores(patches))
+    raw = torch.cat(parts)
+    return raw.view(channels.shape[0], grid.rows * grid.cols, len(COMPONENTS)), grid
+
+
+def frame_peaks(raw: torch.Tensor, mode: str, calibration: Calibration | None) -> np.ndarray:
+    """(T, N, 3) components -> (T,) frame scores before smoothing: the most anomalous patch."""
+    frames, per_frame, _ = raw.shape
+    scores = patch_scores(raw.reshape(-1, len(COMPONENTS)), mode, calibration)
+    return scores.view(frames, per_frame).max(1).values.numpy().astype(np.float64)
+
+
+def component_statistics(raws: list[torch.Tensor]) -> tuple[dict[str, float], dict[str, float]]:
+    """Median and (q99 - median) of each component over held-out normal patches.
+
+    The upper spread rather than a standard deviation: frame scores are maxima, so what must be
+    comparable between components is their tail on normal patches, not their bulk.
+    """
+    flat = torch.cat([r.reshape(-1, len(COMPONENTS)) for r in raws]).double()
+    if flat.shape[0] > 2_000_000:
+        flat = flat[torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(0))[:2_000_000]]
+    center, scale = {}, {}
+    for i, name in enumerate(COMPONENTS):
+        median = float(flat[:, i].median())
+        spread = float(torch.quantile(flat[:, i], 0.99)) - median
+        center[name] = median
+        scale[name] = max(spread, 1e-6)
+    return center, scale
+
+
+def fit_calibration(
+    scorer: Scorer, holdout: list[EncodedClip], train_config: TrainConfig
+) -> Calibration:
+    """Calibrate ``train_config.score_mode`` on held-out normal clips."""
+    raws = [clip_raw_scores(scorer, clip.channels)[0] for clip in holdout if clip.frames > 0]
+    if not raws:
+        raise ValueError("no held-out normal frames to calibrate on")
+    center, scale = component_statistics(raws)
+    draft = Calibration(
+        score_mode=train_config.score_mode,
+        threshold=0.0,
+        reject_band=(0.0, 0.0),
+        smoothing_frames=train_config.smoothing_frames,
+        component_center=center,
+        component_scale=scale,
+        map_width=1.0,
+        false_alarm_rate=train_config.false_alarm_rate,
+    )
+    scores = np.concatenate(
+        [causal_mean(frame_peaks(raw, draft.score_mode, draft), draft.smoothing_frames) for raw in raws]
+    )
+    low_rate, high_rate = train_config.reject_band
+    threshold = float(np.quantile(scores, 1 - train_config.false_alarm_rate))
+    band = (float(np.quantile(scores, 1 - high_rate)), float(np.quantile(scores, 1 - low_rate)))
+    median = float(np.median(scores))
+    return Calibration(
+        score_mode=draft.score_mode,
+        threshold=threshold,
+        reject_band=band,
+        smoothing_frames=draft.smoothing_frames,
+        component_center=center,
+        component_scale=scale,
+        map_width=sigmoid_width(threshold, median),
+        false_alarm_rate=train_config.false_alarm_rate,
+        normal_frame_quantiles={
+            "q50": median,
+            "q90": float(np.quantile(scores, 0.9)),
+            "q99": float(np.quantile(scores, 0.99)),
+            "frames": float(len(scores)),
+        },
+    )

@@ -1,0 +1,111 @@
+"""Every model and training setting in one typed place.
+
+A ModelConfig travels inside each published version's manifest, so a version can be rebuilt from its
+folder alone (the nanoGPT pattern: one config object, saved with the weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+InputMode = Literal["appearance", "appearance+motion", "appearance+flow"]
+ScoreMode = Literal["d_r_x", "d_x", "reconstruction", "fused"]
+INPUT_MODES: tuple[str, ...] = ("appearance", "appearance+motion", "appearance+flow")
+SCORE_MODES: tuple[str, ...] = ("d_r_x", "d_x", "reconstruction", "fused")
+
+
+class ConfigError(ValueError):
+    """A setting is out of range or unknown."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the networks and of the input they see.
+
+    Pixel scale: grayscale intensity in [0, 255] maps linearly to [-1, 1] (R2 ends in tanh). The second
+    channel (see model/frames.py) is |frame_t - frame_t-1| * ``motion_gain`` or the optical-flow speed
+    scaled so ``flow_scale_px`` pixels per frame is full scale, clipped to [0, 255], mapped the same way.
+    """
+
+    input_mode: InputMode = "appearance+motion"
+    patch_size: int = 30
+    stride: int = 15
+    latent_dim: int = 64
+    refiner_channels: tuple[int, int, int] = (16, 32, 64)
+    detector_channels: tuple[int, int, int] = (16, 32, 64)
+    motion_gain: float = 4.0
+    flow_scale_px: float = 4.0
+    bn_eps: float = 1e-6
+    bn_momentum: float = 0.1  # torch's momentum = 1 - decay; the paper's decay 0.9
+
+    def __post_init__(self) -> None:
+        if self.input_mode not in INPUT_MODES:
+            raise ConfigError(f"input_mode must be one of {INPUT_MODES}, got {self.input_mode!r}")
+        if not 8 <= self.patch_size <= 128:
+            raise ConfigError(f"patch_size must be within 8..128, got {self.patch_size}")
+        if not 1 <= self.stride <= self.patch_size:
+            raise ConfigError(f"stride must be within 1..patch_size, got {self.stride}")
+        if self.latent_dim < 1:
+            raise ConfigError(f"latent_dim must be positive, got {self.latent_dim}")
+        object.__setattr__(self, "refiner_channels", tuple(self.refiner_channels))
+        object.__setattr__(self, "detector_channels", tuple(self.detector_channels))
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.input_mode == "appearance" else 2
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["refiner_channels"] = list(self.refiner_channels)
+        data["detector_channels"] = list(self.detector_channels)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown model settings: {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How R and D are trained (eq. 5 of the paper) and when training stops."""
+
+    lambda_rec: float = 0.4  # lambda1
+    lambda_kl: float = 0.2  # lambda2
+    noise_sigma: float = 0.155  # sigma of X~ = X + N(0, sigma^2 I), the authors' code
+    learning_rate: float = 2e-4
+    batch_size: int = 128
+    patches_per_epoch: int = 40_000
+    max_epochs: int = 30
+    time_budget_s: float = 2400.0
+    holdout_fraction: float = 0.15  # tail of every clip, never trained on: stopping and calibration
+    holdout_patches: int = 4096
+    motion_sampling: float = 0.5  # share of training patches drawn where something moves
+    # Stopping rule: R is kept at its best held-out reconstruction (condition 1); training goes on
+    # until D separates real from refined held-out patches with at least this ROC AUC (condition 2)
+    # and R has not improved for `patience` epochs.
+    separation_target: float = 0.9
+    patience: int = 3
+    detector_polish_epochs: int = 2  # D trained further against the frozen best R (see train.py)
+    false_alarm_rate: float = 0.01  # tau: this share of held-out normal frames is flagged
+    reject_band: tuple[float, float] = (0.005, 0.05)  # false-alarm rates bounding "uncertain"
+    score_mode: ScoreMode = "fused"
+    smoothing_frames: int = 1  # causal window of the served frame score
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.score_mode not in SCORE_MODES:
+            raise ConfigError(f"score_mode must be one of {SCORE_MODES}, got {self.score_mode!r}")
+        if not 0 < self.false_alarm_rate < 0.5:
+            raise ConfigError(f"false_alarm_rate must be within (0, 0.5), got {self.false_alarm_rate}")
+        low, high = self.reject_band
+        if not 0 < low <= self.false_alarm_rate <= high < 1:
+            raise ConfigError("reject_band must be two false-alarm rates around false_alarm_rate")
+        if self.batch_size < 2:
+            raise ConfigError("batch_size must be at least 2 (batch norm)")
+        if not 0 < self.holdout_fraction < 0.5:
+            raise ConfigError(f"holdout_fraction must be within (0, 0.5), got {self.holdout_fraction}")

@@ -1,0 +1,226 @@
+"""Versioned weights: ``weights/vNNNN/model.safetensors`` + ``manifest.json``.
+
+Publishing writes a hidden temporary folder, fsyncs every file and the folder, then renames it to the
+next free version number, so a crash mid-publish leaves no visible version and an existing version is
+never overwritten. Loading checks the manifest, the file's sha256 and every tensor's shape before any
+weight reaches a network; safetensors holds raw tensors only, so nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model import __version__
+from model.config import ConfigError, ModelConfig
+from model.networks import Detector, Refiner
+from model.scoring import Calibration
+
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+ACTIVE_FILE = "ACTIVE"
+MANIFEST_FORMAT = 1
+VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
+BUNDLED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+
+class RegistryError(Exception):
+    """A version is missing, malformed or fails verification."""
+
+
+class VersionNotFound(RegistryError):
+    pass
+
+
+@dataclass
+class LoadedVersion:
+    version: str
+    manifest: dict[str, Any]
+    config: ModelConfig
+    calibration: Calibration
+    refiner: Refiner
+    detector: Detector
+
+
+def validate_version_name(version: str) -> str:
+    if not VERSION_PATTERN.match(version):
+        raise VersionNotFound(f"{version!r} is not a version name (expected vNNNN, e.g. v0001)")
+    return version
+
+
+def list_versions(weights_dir: str | Path) -> list[str]:
+    """Published versions, oldest first."""
+    root = Path(weights_dir)
+    if not root.is_dir():
+        return []
+    names = [p.name for p in root.iterdir() if p.is_dir() and VERSION_PATTERN.match(p.name)]
+    return sorted(names, key=lambda name: int(name[1:]))
+
+
+def latest_version(weights_dir: str | Path) -> str | None:
+    versions = list_versions(weights_dir)
+    return versions[-1] if versions else None
+
+
+def active_version(weights_dir: str | Path) -> str | None:
+    """The version named in ``weights_dir/ACTIVE`` (set by activation), else the newest one."""
+    pointer = Path(weights_dir) / ACTIVE_FILE
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if VERSION_PATTERN.match(name) and (Path(weights_dir) / name).is_dir():
+            return name
+    return latest_version(weights_dir)
+
+
+def set_active_version(weights_dir: str | Path, version: str) -> None:
+    """Record the active version atomically (temp file + rename), so the CLI and restarts agree."""
+    validate_version_name(version)
+    pointer = Path(weights_dir) / ACTIVE_FILE
+    temporary = pointer.with_name(ACTIVE_FILE + ".tmp")
+    temporary.write_text(version + "\n")
+    os.replace(temporary, pointer)
+
+
+def read_manifest(weights_dir: str | Path, version: str) -> dict[str, Any]:
+    path = Path(weights_dir) / validate_version_name(version) / MANIFEST_FILE
+    if not path.is_file():
+        raise VersionNotFound(f"version {version} not found in {weights_dir}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"{version}: manifest.json is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise RegistryError(f"{version}: manifest.json is not a format-{MANIFEST_FORMAT} manifest")
+    return manifest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        with path.open("rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def state_tensors(refiner: Refiner, detector: Detector) -> dict[str, torch.Tensor]:
+    tensors = {f"refiner.{k}": v for k, v in refiner.state_dict().items()}
+    tensors.update({f"detector.{k}": v for k, v in detector.state_dict().items()})
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def publish(
+    weights_dir: str | Path,
+    refiner: Refiner,
+    detector: Detector,
+    manifest_fields: dict[str, Any],
+) -> str:
+    """Write a new version atomically and return its name. Never touches an existing version."""
+    root = Path(weights_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".publish-", dir=root))
+    try:
+        weights_path = staging / WEIGHTS_FILE
+        save_file(state_tensors(refiner, detector), str(weights_path))
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "package_version": __version__,
+            **manifest_fields,
+            "weights_sha256": _sha256(weights_path),
+        }
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        while True:
+            last = latest_version(root)
+            version = f"v{(int(last[1:]) + 1) if last else 1:04d}"
+            manifest["version"] = version
+            (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            _fsync_tree(staging)
+            try:
+                # rename() onto an existing non-empty folder fails, so two publishers never share a name.
+                os.rename(staging, root / version)
+            except OSError:
+                if (root / version).exists():
+                    continue
+                raise
+            _fsync_dir(root)
+            return version
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def update_manifest(weights_dir: str | Path, version: str, updates: dict[str, Any]) -> None:
+    """Add figures (e.g. Ped2 results) to a manifest: written to a temp file, then renamed over."""
+    manifest = read_manifest(weights_dir, version)
+    manifest.update(updates)
+    path = Path(weights_dir) / version / MANIFEST_FILE
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    with temporary.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def load_version(weights_dir: str | Path, version: str, device: str | torch.device = "cpu") -> LoadedVersion:
+    """Verify and load one version: manifest, checksum, tensor names and shapes."""
+    manifest = read_manifest(weights_dir, version)
+    folder = Path(weights_dir) / version
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise RegistryError(f"{version}: {WEIGHTS_FILE} is missing")
+    if _sha256(weights_path) != manifest.get("weights_sha256"):
+        raise RegistryError(f"{version}: {WEIGHTS_FILE} does not match the manifest's sha256")
+    try:
+        config = ModelConfig.from_dict(manifest["model_config"])
+        calibration = Calibration.from_dict(manifest["calibration"])
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise RegistryError(f"{version}: manifest has no valid model_config/calibration ({exc})") from exc
+    try:
+        tensors = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RegistryError(f"{version}: {WEIGHTS_FILE} is not a safetensors file ({exc})") from exc
+    refiner, detector = Refiner(config), Detector(config)
+    for prefix, network in (("refiner.", refiner), ("detector.", detector)):
+        expected = network.state_dict()
+        found = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if set(found) != set(expected):
+            missing = sorted(set(expected) - set(found))[:3]
+            extra = sorted(set(found) - set(expected))[:3]
+            raise RegistryError(f"{version}: tensors do not match the model (missing {missing}, unexpected {extra})")
+        for name, tensor in found.items():
+            if tensor.shape != expected[name].shape:
+                raise RegistryError(
+                    f"{version}: tensor {prefix}{name} has shape {tuple(tensor.shape)}, "
+                    f"the model needs {tuple(expected[name].shape)}"
+                )
+        network.load_state_dict(found)
+    return LoadedVersion(
+        version, manifest, config, calibration, refiner.to(device).eval(), detector.to(device).eval()
+    )

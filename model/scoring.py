@@ -1,0 +1,204 @@
+"""Patches -> anomaly scores -> per-frame results. The one path used by `vad detect`, `vad eval` and
+the server.
+
+Every patch gets three raw anomaly components, higher = more anomalous:
+- ``d_r_x``: -logit D(R(X)), the paper's test score (logits, so ranks do not saturate at 0 or 1);
+- ``d_x``: -logit D(X), the paper's weaker alternative;
+- ``reconstruction``: mean squared error ||X - R(X)||^2 over the patch's pixels.
+``fused`` adds ``d_r_x`` and ``reconstruction`` after standardising each by its spread on held-out
+normal patches. A frame's score is its most anomalous patch (the paper's rule), averaged over a
+causal window of ``smoothing_frames`` frames; a frame is anomalous when that score exceeds tau.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.config import SCORE_MODES, ModelConfig
+from model.frames import encode_frames, to_model_input
+from model.networks import Detector, Refiner
+from model.patches import GridShape, to_patches
+
+COMPONENTS = ("d_r_x", "d_x", "reconstruction")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Everything that turns raw components into decisions, fitted on held-out normal footage."""
+
+    score_mode: str
+    threshold: float  # tau on the frame score
+    reject_band: tuple[float, float]  # frame scores in [low, high] are reported "uncertain"
+    smoothing_frames: int
+    component_center: dict[str, float]  # median of each component on normal patches
+    component_scale: dict[str, float]  # its interquartile range (floored)
+    map_width: float  # patch score -> [0, 1] map: sigmoid((s - tau) / map_width)
+    false_alarm_rate: float
+    normal_frame_quantiles: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.score_mode not in SCORE_MODES:
+            raise ValueError(f"unknown score mode {self.score_mode!r}")
+        if not (self.reject_band[0] <= self.threshold <= self.reject_band[1]):
+            raise ValueError("the reject band must contain the threshold")
+        object.__setattr__(self, "reject_band", tuple(self.reject_band))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["reject_band"] = list(self.reject_band)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Calibration":
+        return cls(**data)
+
+
+def patch_scores(raw: torch.Tensor, mode: str, calibration: Calibration | None) -> torch.Tensor:
+    """(N, 3) raw components -> (N,) patch anomaly scores of ``mode``."""
+    if mode in COMPONENTS:
+        return raw[:, COMPONENTS.index(mode)]
+    if mode != "fused":
+        raise ValueError(f"unknown score mode {mode!r}")
+    if calibration is None:
+        raise ValueError("the fused score needs a calibration (component statistics)")
+    total = torch.zeros(raw.shape[0], dtype=raw.dtype, device=raw.device)
+    for name in ("d_r_x", "reconstruction"):
+        column = raw[:, COMPONENTS.index(name)]
+        total += (column - calibration.component_center[name]) / calibration.component_scale[name]
+    return total
+
+
+class Scorer:
+    """R and D in eval mode on one device; turns patch batches into raw components."""
+
+    def __init__(
+        self,
+        refiner: Refiner,
+        detector: Detector,
+        config: ModelConfig,
+        calibration: Calibration | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.refiner = refiner.to(self.device).eval()
+        self.detector = detector.to(self.device).eval()
+        self.config = config
+        self.calibration = calibration
+
+    @torch.inference_mode()
+    def raw_scores(self, patches: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+        """(N, C, P, P) float patches in [-1, 1] -> (N, 3) components on the CPU."""
+        out = []
+        for start in range(0, patches.shape[0], batch_size):
+            x = patches[start : start + batch_size].to(self.device, non_blocking=True)
+            refined, _, _ = self.refiner(x)
+            d_r_x = -self.detector(refined)
+            d_x = -self.detector(x)
+            reconstruction = (x - refined).pow(2).flatten(1).mean(1)
+            out.append(torch.stack([d_r_x, d_x, reconstruction], 1).float().cpu())
+        if not out:
+            return torch.empty(0, 3)
+        return torch.cat(out)
+
+    def frame_patches(self, channels: np.ndarray) -> tuple[torch.Tensor, GridShape]:
+        """(T, C, H, W) uint8 channels -> model-ready patches and the grid."""
+        frames = to_model_input(torch.from_numpy(channels))
+        return to_patches(frames, self.config.patch_size, self.config.stride)
+
+
+@dataclass
+class FrameResult:
+    index: int
+    timestamp_s: float
+    score: float
+    anomalous: bool
+    uncertain: bool
+    map: np.ndarray  # (rows, cols) patch anomaly in [0, 1]
+
+    def to_dict(self, include_map: bool = True) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "index": self.index,
+            "timestamp_s": round(self.timestamp_s, 6),
+            "score": self.score,
+            "anomalous": self.anomalous,
+            "uncertain": self.uncertain,
+        }
+        if include_map:
+            data["map"] = np.round(self.map, 4).tolist()
+        return data
+
+
+class FrameStream:
+    """Per-stream state: the previous frame (motion channel) and the causal smoothing window.
+
+    A clip is one stream; a WebSocket connection is one stream. Feeding frames in pieces gives exactly
+    the scores of feeding them at once.
+    """
+
+    def __init__(self, scorer: Scorer, fps: float = 10.0) -> None:
+        if scorer.calibration is None:
+            raise ValueError("scoring frames needs a calibrated model (tau and component statistics)")
+        self.scorer = scorer
+        self.calibration = scorer.calibration
+        self.fps = fps
+        self.previous: np.ndarray | None = None
+        self.window: deque[float] = deque(maxlen=max(1, self.calibration.smoothing_frames))
+        self.next_index = 0
+
+    def prepare(self, gray: np.ndarray) -> tuple[torch.Tensor, GridShape, int]:
+        """(T, H, W) uint8 frames -> (patches, grid, T); advances the motion state."""
+        if self.previous is not None and self.previous.shape != gray.shape[1:]:
+            self.previous = None  # the resolution changed: no valid predecessor
+        channels = encode_frames(gray, self.scorer.config, self.previous)
+        self.previous = gray[-1].copy()
+        patches, grid = self.scorer.frame_patches(channels)
+        return patches, grid, gray.shape[0]
+
+    def finish(self, raw: torch.Tensor, grid: GridShape, frame_count: int) -> list[FrameResult]:
+        """Raw components of ``frame_count`` frames (in order) -> one FrameResult per frame."""
+        cal = self.calibration
+        scores = patch_scores(raw, cal.score_mode, cal).view(frame_count, grid.rows, grid.cols)
+        maps = torch.sigmoid((scores - cal.threshold) / cal.map_width).numpy()
+        peaks = scores.flatten(1).max(1).values.tolist()
+        results = []
+        for t in range(frame_count):
+            self.window.append(peaks[t])
+            score = float(sum(self.window) / len(self.window))
+            index = self.next_index
+            self.next_index += 1
+            results.append(
+                FrameResult(
+                    index=index,
+                    timestamp_s=index / self.fps if self.fps > 0 else 0.0,
+                    score=score,
+                    anomalous=score > cal.threshold,
+                    uncertain=cal.reject_band[0] <= score <= cal.reject_band[1],
+                    map=maps[t],
+                )
+            )
+        return results
+
+    def score(self, gray: np.ndarray) -> list[FrameResult]:
+        patches, grid, count = self.prepare(gray)
+        return self.finish(self.scorer.raw_scores(patches), grid, count)
+
+
+def causal_mean(scores: np.ndarray, window: int) -> np.ndarray:
+    """Mean of each score with the ``window - 1`` scores before it (never a future frame)."""
+    if window <= 1:
+        return scores.astype(np.float64)
+    cumulative = np.concatenate([[0.0], np.cumsum(scores, dtype=np.float64)])
+    idx = np.arange(len(scores))
+    start = np.maximum(0, idx - window + 1)
+    return (cumulative[idx + 1] - cumulative[start]) / (idx + 1 - start)
+
+
+def sigmoid_width(threshold: float, normal_median: float) -> float:
+    """Map width so a frame at the normal median draws ~0.01 and one at tau draws 0.5."""
+    return max((threshold - normal_median) / math.log(99.0), 1e-6)

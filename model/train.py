@@ -1,0 +1,467 @@
+"""Adversarial training of R and D on normal footage, the paper's stopping rule, publishing.
+
+Each step: D learns real X -> 1, R(X~) -> 0; then R learns eq. (5) on X~ = X + N(0, sigma^2 I).
+After each epoch, on held-out normal patches:
+- condition 1: R's reconstruction error ||X - R(X)||^2; the best R so far is kept;
+- condition 2: D's separation, the ROC AUC of D(X) against D(R_best(X)); the best D so far is kept.
+Training stops once R has not improved for ``patience`` epochs and D separates at least
+``separation_target``, or at ``max_epochs`` / ``time_budget_s``. D is then polished against the frozen
+best R (a fixed opponent cannot make it oscillate), the pair is calibrated on held-out normal frames
+and published as a new version.
+
+Under torchrun each process samples its own patches and DistributedDataParallel averages gradients
+(gloo on CPU, nccl on GPU); rank 0 evaluates, checkpoints and publishes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import roc_auc_score
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from model import registry
+from model.calibrate import fit_calibration
+from model.config import ModelConfig, TrainConfig
+from model.data import (
+    EncodedClip,
+    FootageError,
+    PatchSampler,
+    encode_clips,
+    footage_digest,
+    read_footage,
+    split_holdout,
+)
+from model.losses import detector_loss, refiner_loss
+from model.networks import Detector, Refiner
+from model.scoring import Scorer
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+class TrainingCancelled(Exception):
+    """Raised when the progress callback asks training to stop."""
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    step: int
+    d_loss: float
+    r_loss: float
+    rec_loss: float
+    kl_loss: float
+    holdout_reconstruction: float
+    separation_auc: float
+    condition_1_improved: bool
+    condition_2_met: bool
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    version: str | None
+    manifest: dict[str, Any]
+    history: list[EpochRecord] = field(default_factory=list)
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    if requested in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} asked for, but CUDA is not available")
+    return device
+
+
+def load_normal_footage(paths: list[str | Path], max_frames: int | None = None) -> list:
+    """Read every clip; all must share one frame size (a fixed camera)."""
+    if not paths:
+        raise FootageError("no normal footage given")
+    clips = [read_footage(p, max_frames) for p in paths]
+    first = clips[0]
+    for path, clip in zip(paths, clips):
+        if clip.gray.shape[1:] != first.gray.shape[1:]:
+            raise FootageError(
+                f"{path}: frame size {clip.gray.shape[2]}x{clip.gray.shape[1]} differs from "
+                f"{first.gray.shape[2]}x{first.gray.shape[1]} of {paths[0]} (one camera per model)"
+            )
+    return clips
+
+
+def _distributed() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+@torch.inference_mode()
+def holdout_figures(refiner: Refiner, detector: Detector, patches: torch.Tensor) -> tuple[float, float]:
+    """(reconstruction MSE of R, AUC of D(X) vs D(R(X))) on held-out patches, eval mode."""
+    was_training = refiner.training, detector.training
+    refiner.eval()
+    detector.eval()
+    refined = torch.cat([refiner(chunk)[0] for chunk in patches.split(2048)])
+    reconstruction = float((refined - patches).pow(2).mean())
+    real = torch.cat([detector(chunk) for chunk in patches.split(2048)]).float().cpu().numpy()
+    fake = torch.cat([detector(chunk) for chunk in refined.split(2048)]).float().cpu().numpy()
+    labels = np.concatenate([np.ones(len(real)), np.zeros(len(fake))])
+    separation = float(roc_auc_score(labels, np.concatenate([real, fake])))
+    refiner.train(was_training[0])
+    detector.train(was_training[1])
+    return reconstruction, separation
+
+
+def _checkpoint_path(checkpoint_dir: Path) -> Path:
+    return checkpoint_dir / "checkpoint.safetensors"
+
+
+def _save_checkpoint(
+    checkpoint_dir: Path, networks: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer], meta: dict[str, Any]
+) -> None:
+    """Networks, optimiser moments and loop state as safetensors + JSON, replaced atomically."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in networks.items():
+        for key, value in module.state_dict().items():
+            tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+    for name, optimizer in optimizers.items():
+        for index, state in optimizer.state_dict()["state"].items():
+            for key, value in state.items():
+                tensors[f"opt.{name}/{index}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    temporary = checkpoint_dir / "checkpoint.tmp"
+    save_file(tensors, str(temporary), metadata={"meta": json.dumps(meta)})
+    os.replace(temporary, _checkpoint_path(checkpoint_dir))
+
+
+def _load_checkpoint(
+    checkpoint_dir: Path, networks: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]
+) -> dict[str, Any] | None:
+    path = _checkpoint_path(checkpoint_dir)
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["meta"])
+    tensors = load_file(str(path))
+    for name, module in networks.items():
+        prefix = f"{name}/"
+        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+    for name, optimizer in optimizers.items():
+        state_dict = optimizer.state_dict()
+        prefix = f"opt.{name}/"
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                index, field_name = key[len(prefix) :].split("/")
+                state.setdefault(int(index), {})[field_name] = value
+        state_dict["state"] = state
+        optimizer.load_state_dict(state_dict)
+    return meta
+
+
+def train(
+    normal_paths: list[str | Path],
+    weights_dir: str | Path,
+    model_config: ModelConfig | None = None,
+    train_config: TrainConfig | None = None,
+    device: str | None = None,
+    resume: bool = False,
+    parent_version: str | None = None,
+    reject_and_refine: bool = False,
+    progress: ProgressCallback | None = None,
+    show_progress_bar: bool = True,
+    checkpoint_dir: str | Path | None = None,
+) -> TrainResult:
+    """Train on normal footage and publish a version (rank 0). Raises FootageError on bad footage."""
+    model_config = model_config or ModelConfig()
+    train_config = train_config or TrainConfig()
+    clips = load_normal_footage(list(normal_paths))
+    digest = footage_digest(clips)
+    encoded = encode_clips(clips, model_config)
+    train_clips, holdout = split_holdout(encoded, train_config.holdout_fraction)
+    if sum(c.frames for c in train_clips) < 2 or sum(c.frames for c in holdout) < 1:
+        raise FootageError(f"{normal_paths[0]}: too little footage (need at least 3 frames)")
+    checkpoint_dir = Path(checkpoint_dir or Path(weights_dir) / ".checkpoints" / f"train-{digest[:16]}")
+    result = _fit(
+        train_clips, holdout, model_config, train_config, resolve_device(device), resume,
+        parent_version, weights_dir, progress, show_progress_bar, checkpoint_dir,
+    )
+    refiner, detector, history = result
+    if reject_and_refine:
+        train_clips = _drop_rejected(refiner, detector, model_config, train_config, train_clips, holdout, resolve_device(device))
+        refine_config = TrainConfig(**{**asdict(train_config), "max_epochs": max(1, train_config.max_epochs // 3)})
+        refiner, detector, refine_history = _fit(
+            train_clips, holdout, model_config, refine_config, resolve_device(device), False,
+            None, weights_dir, progress, show_progress_bar, checkpoint_dir / "refine",
+            initial=(refiner, detector),
+        )
+        history += refine_history
+    rank, _ = _distributed()
+    if rank != 0:
+        return TrainResult(None, {}, history)
+    scorer = Scorer(refiner, detector, model_config, device="cpu")
+    calibration = fit_calibration(scorer, holdout, train_config)
+    last = history[-1] if history else None
+    manifest = {
+        "model_config": model_config.to_dict(),
+        "train_config": _jsonable(asdict(train_config)),
+        "input_mode": model_config.input_mode,
+        "calibration": calibration.to_dict(),
+        "threshold": calibration.threshold,
+        "reject_band": list(calibration.reject_band),
+        "parent_version": parent_version,
+        "reject_and_refine": reject_and_refine,
+        "training_footage": {
+            "sha256": digest,
+            "clips": len(clips),
+            "frames": int(sum(c.gray.shape[0] for c in clips)),
+            "train_frames": int(sum(c.frames for c in train_clips)),
+            "holdout_frames": int(sum(c.frames for c in holdout)),
+            "names": [c.name for c in clips][:100],
+        },
+        "validation": {
+            "holdout_reconstruction": min(h.holdout_reconstruction for h in history) if history else None,
+            "separation_auc": max(h.separation_auc for h in history) if history else None,
+            "epochs": last.epoch if last else 0,
+            "seconds": round(sum(h.seconds for h in history), 1),
+            "normal_frame_quantiles": calibration.normal_frame_quantiles,
+        },
+        "history": [asdict(h) for h in history],
+    }
+    version = registry.publish(weights_dir, refiner, detector, manifest)
+    _remove_checkpoints(checkpoint_dir)
+    return TrainResult(version, registry.read_manifest(weights_dir, version), history)
+
+
+def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(data, default=list))
+
+
+def _remove_checkpoints(checkpoint_dir: Path) -> None:
+    for path in sorted(checkpoint_dir.rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    if checkpoint_dir.exists():
+        checkpoint_dir.rmdir()
+
+
+def _fit(
+    train_clips: list[EncodedClip],
+    holdout: list[EncodedClip],
+    model_config: ModelConfig,
+    cfg: TrainConfig,
+    device: torch.device,
+    resume: bool,
+    parent_version: str | None,
+    weights_dir: str | Path,
+    progress: ProgressCallback | None,
+    show_progress_bar: bool,
+    checkpoint_dir: Path,
+    initial: tuple[Refiner, Detector] | None = None,
+) -> tuple[Refiner, Detector, list[EpochRecord]]:
+    rank, world = _distributed()
+    torch.manual_seed(cfg.seed + rank)
+    if initial is not None:
+        refiner, detector = copy.deepcopy(initial[0]), copy.deepcopy(initial[1])
+    elif parent_version:
+        parent = registry.load_version(weights_dir, parent_version)
+        if parent.config != model_config:
+            model_config = parent.config
+        refiner, detector = parent.refiner, parent.detector
+    else:
+        refiner, detector = Refiner(model_config), Detector(model_config)
+    refiner.to(device).train()
+    detector.to(device).train()
+    opt_r = torch.optim.Adam(refiner.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(detector.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.999))
+    sampler = PatchSampler(train_clips, model_config.patch_size, cfg.motion_sampling, cfg.seed + 1000 * rank)
+    holdout_sampler = PatchSampler(holdout, model_config.patch_size, cfg.motion_sampling, cfg.seed + 7)
+    holdout_patches = holdout_sampler.sample(cfg.holdout_patches).to(device)
+
+    best_r = copy.deepcopy(refiner.state_dict())
+    best_d = copy.deepcopy(detector.state_dict())
+    best_rec, best_sep, stale, start_epoch, step = math.inf, -1.0, 0, 0, 0
+    history: list[EpochRecord] = []
+    networks = {"refiner": refiner, "detector": detector}
+    if resume and rank == 0:
+        meta = _load_checkpoint(checkpoint_dir, networks, {"refiner": opt_r, "detector": opt_d})
+        if meta is not None:
+            best_rec, best_sep, stale = meta["best_rec"], meta["best_sep"], meta["stale"]
+            start_epoch, step = meta["epoch"], meta["step"]
+            history = [EpochRecord(**h) for h in meta["history"]]
+            best = load_file(str(checkpoint_dir / "best.safetensors"))
+            best_r = {k[len("refiner/") :]: v for k, v in best.items() if k.startswith("refiner/")}
+            best_d = {k[len("detector/") :]: v for k, v in best.items() if k.startswith("detector/")}
+    if world > 1:
+        for module in (refiner, detector):
+            for tensor in module.state_dict().values():
+                dist.broadcast(tensor, 0)
+        start_epoch_t = torch.tensor([start_epoch, step])
+        dist.broadcast(start_epoch_t, 0)
+        start_epoch, step = int(start_epoch_t[0]), int(start_epoch_t[1])
+        ddp_r: torch.nn.Module = DistributedDataParallel(refiner)
+        ddp_d: torch.nn.Module = DistributedDataParallel(detector)
+    else:
+        ddp_r, ddp_d = refiner, detector
+
+    steps_per_epoch = max(1, cfg.patches_per_epoch // (cfg.batch_size * world))
+    started = time.monotonic()
+    for epoch in range(start_epoch + 1, cfg.max_epochs + 1):
+        epoch_start = time.monotonic()
+        sums = {"d": 0.0, "r": 0.0, "rec": 0.0, "kl": 0.0}
+        bar = tqdm(
+            range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.max_epochs}", unit="step",
+            disable=not show_progress_bar or rank != 0, leave=False,
+        )
+        for _ in bar:
+            x = sampler.sample(cfg.batch_size).to(device, non_blocking=True)
+            noisy = x + cfg.noise_sigma * torch.randn_like(x)
+            refined, mu, logvar = ddp_r(noisy)
+            logits = ddp_d(torch.cat([x, refined.detach()]))
+            loss_d = detector_loss(logits[: len(x)], logits[len(x) :])
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
+            loss_r, terms = refiner_loss(
+                ddp_d(refined), x, refined, mu, logvar, cfg.lambda_rec, cfg.lambda_kl
+            )
+            opt_r.zero_grad(set_to_none=True)
+            loss_r.backward()
+            opt_r.step()
+            opt_d.zero_grad(set_to_none=True)  # R's step also filled D's gradients
+            step += 1
+            sums["d"] += loss_d.item()
+            sums["r"] += loss_r.item()
+            sums["rec"] += terms["rec"]
+            sums["kl"] += terms["kl"]
+            bar.set_postfix(d=f"{loss_d.item():.3f}", r=f"{loss_r.item():.3f}", rec=f"{terms['rec']:.4f}")
+        reconstruction, _ = holdout_figures(refiner, detector, holdout_patches)
+        improved = reconstruction < best_rec
+        if improved:
+            best_rec, stale = reconstruction, 0
+            best_r = copy.deepcopy(refiner.state_dict())
+        else:
+            stale += 1
+        separation = _separation_against(best_r, refiner, detector, model_config, holdout_patches, device)
+        if separation > best_sep:
+            best_sep = separation
+            best_d = copy.deepcopy(detector.state_dict())
+        record = EpochRecord(
+            epoch=epoch, step=step,
+            d_loss=sums["d"] / steps_per_epoch, r_loss=sums["r"] / steps_per_epoch,
+            rec_loss=sums["rec"] / steps_per_epoch, kl_loss=sums["kl"] / steps_per_epoch,
+            holdout_reconstruction=reconstruction, separation_auc=separation,
+            condition_1_improved=improved, condition_2_met=best_sep >= cfg.separation_target,
+            seconds=time.monotonic() - epoch_start,
+        )
+        history.append(record)
+        elapsed = time.monotonic() - started
+        if rank == 0:
+            if show_progress_bar:
+                tqdm.write(
+                    f"epoch {epoch}: D {record.d_loss:.3f} R {record.r_loss:.3f} | cond1 held-out rec "
+                    f"{reconstruction:.5f}{' (best)' if improved else ''} | cond2 separation "
+                    f"{separation:.3f} (best {best_sep:.3f}, target {cfg.separation_target})"
+                )
+            _save_checkpoint(
+                checkpoint_dir, networks, {"refiner": opt_r, "detector": opt_d},
+                {"epoch": epoch, "step": step, "best_rec": best_rec, "best_sep": best_sep, "stale": stale,
+                 "history": [asdict(h) for h in history]},
+            )
+            save_file(
+                {**{f"refiner/{k}": v.cpu().contiguous() for k, v in best_r.items()},
+                 **{f"detector/{k}": v.cpu().contiguous() for k, v in best_d.items()}},
+                str(checkpoint_dir / "best.safetensors"),
+            )
+            if progress is not None:
+                epochs_left = cfg.max_epochs - epoch
+                eta = min(epochs_left * elapsed / max(1, epoch - start_epoch), max(0.0, cfg.time_budget_s - elapsed))
+                progress({**asdict(record), "max_epochs": cfg.max_epochs, "eta_s": round(eta, 1)})
+        done = stale >= cfg.patience and best_sep >= cfg.separation_target
+        if done or elapsed >= cfg.time_budget_s:
+            break
+
+    refiner.load_state_dict(best_r)
+    detector.load_state_dict(best_d)
+    _polish_detector(refiner, detector, sampler, holdout_patches, model_config, cfg, device, steps_per_epoch, show_progress_bar and rank == 0)
+    return refiner.cpu().eval(), detector.cpu().eval(), history
+
+
+def _separation_against(
+    best_r: dict[str, torch.Tensor], refiner: Refiner, detector: Detector, config: ModelConfig,
+    patches: torch.Tensor, device: torch.device,
+) -> float:
+    reference = Refiner(config).to(device)
+    reference.load_state_dict(best_r)
+    return holdout_figures(reference, detector, patches)[1]
+
+
+def _polish_detector(
+    refiner: Refiner, detector: Detector, sampler: PatchSampler, holdout_patches: torch.Tensor,
+    config: ModelConfig, cfg: TrainConfig, device: torch.device, steps_per_epoch: int, verbose: bool,
+) -> None:
+    """Train D against the frozen best R; keep the D with the best held-out separation."""
+    if cfg.detector_polish_epochs <= 0:
+        return
+    refiner.eval()
+    optimizer = torch.optim.Adam(detector.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.999))
+    best_sep = holdout_figures(refiner, detector, holdout_patches)[1]
+    best_d = copy.deepcopy(detector.state_dict())
+    for epoch in range(cfg.detector_polish_epochs):
+        detector.train()
+        for _ in range(steps_per_epoch):
+            x = sampler.sample(cfg.batch_size).to(device)
+            with torch.no_grad():
+                refined = refiner(x + cfg.noise_sigma * torch.randn_like(x))[0]
+            logits = detector(torch.cat([x, refined]))
+            loss = detector_loss(logits[: len(x)], logits[len(x) :])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        separation = holdout_figures(refiner, detector, holdout_patches)[1]
+        if verbose:
+            tqdm.write(f"D polish {epoch + 1}/{cfg.detector_polish_epochs}: separation {separation:.3f}")
+        if separation > best_sep:
+            best_sep = separation
+            best_d = copy.deepcopy(detector.state_dict())
+    detector.load_state_dict(best_d)
+
+
+def _drop_rejected(
+    refiner: Refiner, detector: Detector, model_config: ModelConfig, cfg: TrainConfig,
+    train_clips: list[EncodedClip], holdout: list[EncodedClip], device: torch.device,
+) -> list[EncodedClip]:
+    """The paper's reject-and-refine: drop training frames the first model flags as anomalous."""
+    from model.calibrate import clip_raw_scores, frame_peaks
+    from model.scoring import causal_mean
+
+    scorer = Scorer(refiner, detector, model_config, device=device)
+    calibration = fit_calibration(scorer, holdout, cfg)
+    kept = []
+    for clip in train_clips:
+        raw, _ = clip_raw_scores(scorer, clip.channels)
+        scores = causal_mean(frame_peaks(raw, calibration.score_mode, calibration), calibration.smoothing_frames)
+        keep = scores <= calibration.threshold
+        if keep.sum() >= 1:
+            kept.append(EncodedClip(clip.name, clip.channels[keep]))
+    return kept
