@@ -1,0 +1,99 @@
+"""The FastAPI application: ``create_app(settings)`` builds one self-contained instance (its own
+model store, batcher, metrics registry and upload folder), so tests can run several side by side."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from model import __version__
+from service.batcher import Batcher
+from service.deps import Services
+from service.errors import install_error_handlers
+from service.metrics import Metrics
+from service.model_store import ModelStore
+from service.routes import clips, frames, health, models, stream
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("vad.server")
+UNMATCHED_ROUTE = "<unmatched>"
+
+
+class RequestMetricsMiddleware:
+    """Observes every HTTP request's duration (until its last body byte) by route template, method
+    and status. Route templates, not raw paths, keep the label set small."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
+            self.metrics.request_duration.labels(route, scope["method"], str(status)).observe(
+                time.perf_counter() - started
+            )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    metrics = Metrics()
+    services = Services(
+        settings=settings,
+        metrics=metrics,
+        store=ModelStore(settings, metrics),
+        batcher=Batcher(settings.max_batch_patches, settings.max_queue_delay_s, settings.max_queue, metrics),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services.upload_dir = Path(tempfile.mkdtemp(prefix="vad-uploads-"))
+        await services.batcher.start()
+        try:
+            await services.store.start()
+            yield
+        finally:
+            await services.store.stop()
+            await services.batcher.stop()
+            shutil.rmtree(services.upload_dir, ignore_errors=True)
+
+    app = FastAPI(
+        title="Video anomaly detection (ALOCC)",
+        version=__version__,
+        description="R + D one-class networks scoring video patches; see docs/server.md.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    install_error_handlers(app, settings.retry_after_s)
+    for module in (health, models, clips, frames, stream):
+        app.include_router(module.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Accept"],
+        )
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,99 @@
+"""POST /v1/clips: upload -> temp file -> decoder thread -> batched scoring -> JSON or NDJSON.
+
+Bad input is refused as early as it can be seen: an over-size body while it streams in (413), an
+unknown container from its first bytes (415), frame size and declared frame count from the container
+header (422), then an undecodable first chunk (422) - all before the response starts. A clip that
+goes wrong after an NDJSON response has started ends with an ``{"type": "error", ...}`` line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from model.detect import clip_summary
+from model.scoring import FrameResult
+from service.deps import Services
+from service.errors import ServiceError, error_body
+from service.model_store import ServingModel
+from service.pipeline import SOURCE_CLIP, ClipTimings, StreamScorer, iter_clip_results, read_first_chunk
+from service.responses import ManagedStreamingResponse, json_response, ndjson_line
+from service.uploads import SavedUpload, receive_file
+from service.video import VideoLimits, VideoSource, sniff_video
+
+
+async def _open_upload(upload: SavedUpload, container: str, suffix: str, limits: VideoLimits) -> VideoSource:
+    """Open the saved upload with OpenCV (in a thread); the temp file is gone afterwards either way."""
+    path = upload.path.with_suffix(suffix)  # FFmpeg probes by content, the suffix only breaks ties
+    try:
+        os.replace(upload.path, path)
+        return await asyncio.to_thread(VideoSource.open, path, container, limits)
+    finally:
+        upload.path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+
+
+async def _ndjson(
+    results: AsyncIterator[FrameResult], model: ServingModel, source: VideoSource, scorer: StreamScorer,
+    include_maps: bool, timings: ClipTimings,
+) -> AsyncIterator[bytes]:
+    done: list[FrameResult] = []
+    try:
+        async for result in results:
+            done.append(result)
+            yield ndjson_line({"type": "frame", **result.to_dict(include_maps)})
+    except ServiceError as exc:
+        yield ndjson_line({"type": "error", **error_body(exc.code, exc.message)})
+        return
+    summary = clip_summary(model.version, model.threshold, source.fps, done, False, timings.as_dict(source, scorer))
+    del summary["frames"]
+    yield ndjson_line({"type": "summary", **summary})
+
+
+async def clip_response(
+    request: Request, services: Services, model: ServingModel, include_maps: bool, ndjson: bool
+) -> Response:
+    settings, batcher = services.settings, services.batcher
+    assert services.upload_dir is not None
+    timings = ClipTimings()
+    upload = await receive_file(request, settings.max_upload_bytes, services.upload_dir)
+    timings.upload_done()
+    try:
+        container, suffix = sniff_video(upload.head)
+        admission = batcher.admit(SOURCE_CLIP)
+    except BaseException:
+        upload.path.unlink(missing_ok=True)
+        raise
+    try:
+        limits = VideoLimits(settings.max_pixels, settings.max_frames, model.patch_size)
+        source = await _open_upload(upload, container, suffix, limits)
+    except BaseException:
+        admission.release()
+        raise
+
+    async def release() -> None:
+        admission.release()
+        await asyncio.to_thread(source.close)
+
+    try:
+        first = await read_first_chunk(source, settings.clip_chunk_frames)
+    except BaseException:
+        await release()
+        raise
+    scorer = StreamScorer(model, batcher, services.metrics, SOURCE_CLIP, source.fps)
+    results = iter_clip_results(source, scorer, settings.clip_chunk_frames, first)
+    if ndjson:
+        return ManagedStreamingResponse(_ndjson(results, model, source, scorer, include_maps, timings), release)
+    try:
+        frames = [result async for result in results]
+    finally:
+        await results.aclose()
+        await release()
+    summary = clip_summary(
+        model.version, model.threshold, source.fps, frames, include_maps, timings.as_dict(source, scorer)
+    )
+    return await json_response(summary)

@@ -1,0 +1,78 @@
+"""Every Prometheus metric of the server, defined once, in base units (seconds, patches, frames).
+
+Each app gets its own CollectorRegistry, so several apps (tests) never collide in the global one.
+
+Buckets follow the workload: one frame of a 240x360 camera at patch 30 / stride 15 is 345 patches and
+a 16-frame clip chunk ~5.5k, so batch sizes span 1..16k patches; a single frame scores in
+milliseconds on a GPU and tens of milliseconds on a CPU, a clip in seconds to minutes.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_PATCH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+BATCH_JOB_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_duration = Histogram(
+            "vad_http_request_duration_seconds", "HTTP request duration, until the last body byte is sent.",
+            ["route", "method", "status"], buckets=REQUEST_BUCKETS, registry=r,
+        )
+        self.queue_wait = Histogram(
+            "vad_batch_queue_wait_seconds", "Time a scoring job waited before its forward pass started.",
+            buckets=QUEUE_WAIT_BUCKETS, registry=r,
+        )
+        self.inference_duration = Histogram(
+            "vad_inference_duration_seconds", "Duration of one batched forward pass (R and D).",
+            buckets=INFERENCE_BUCKETS, registry=r,
+        )
+        self.batch_patches = Histogram(
+            "vad_batch_size_patches", "Patches in one batched forward pass.",
+            buckets=BATCH_PATCH_BUCKETS, registry=r,
+        )
+        self.batch_jobs = Histogram(
+            "vad_batch_size_jobs", "Scoring jobs (request chunks / stream frames) sharing one forward pass.",
+            buckets=BATCH_JOB_BUCKETS, registry=r,
+        )
+        self.frames = Counter("vad_frames_scored", "Frames scored.", ["source"], registry=r)
+        self.anomalous_frames = Counter("vad_anomalous_frames", "Frames scored above tau.", ["source"], registry=r)
+        self.rejected = Counter(
+            "vad_overloaded_rejections", "Requests or stream frames refused because the queue was full.",
+            ["source"], registry=r,
+        )
+        self.websocket_connections = Gauge(
+            "vad_websocket_connections", "Open WebSocket streams.", registry=r,
+        )
+        self.active_model = Gauge(
+            "vad_active_model_info", "1 for the model version being served (label: version).",
+            ["version", "device"], registry=r,
+        )
+        self.model_reloads = Counter("vad_model_reloads", "Successful model activations.", registry=r)
+        self.failed_reloads = Counter(
+            "vad_model_reload_failures", "Model activations refused (verification, load or smoke test).",
+            registry=r,
+        )
+        for source in ("clip", "frame", "stream"):  # export zeros before the first observation
+            self.frames.labels(source)
+            self.anomalous_frames.labels(source)
+            self.rejected.labels(source)
+
+    def set_active_model(self, version: str, device: str) -> None:
+        self.active_model.clear()
+        self.active_model.labels(version, device).set(1)
+
+    def record_frames(self, source: str, frames: int, anomalous: int) -> None:
+        self.frames.labels(source).inc(frames)
+        if anomalous:
+            self.anomalous_frames.labels(source).inc(anomalous)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

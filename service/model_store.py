@@ -1,0 +1,211 @@
+"""The model being served, and how it is swapped.
+
+A ``ServingModel`` is immutable. Every request (and every WebSocket frame) takes a reference to the
+current one when it starts and scores with it to the end, so an activation never changes the model
+under a request in flight; the old model is freed when its last request lets go of it.
+
+Activation loads and verifies the version (registry checksum and tensor shapes), scores one
+synthetic frame as a smoke test, and only then swaps the reference and records the version in the
+registry's ACTIVE file. A version that fails leaves the old one serving and counts as a failed reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import registry
+from model.detect import scorer_for
+from model.scoring import Calibration, FrameStream, Scorer
+from service.errors import NotReady, ServiceError, UnknownVersion, VersionRejected
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("vad.server")
+
+SMOKE_FRAME_SIDE = 2  # the smoke frame is this many patches on each side
+
+
+@dataclass(frozen=True, eq=False)
+class ServingModel:
+    version: str
+    manifest: dict[str, Any]
+    scorer: Scorer
+    device: str
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def calibration(self) -> Calibration:
+        assert self.scorer.calibration is not None
+        return self.scorer.calibration
+
+    @property
+    def threshold(self) -> float:
+        return self.calibration.threshold
+
+    @property
+    def patch_size(self) -> int:
+        return self.scorer.config.patch_size
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "device": self.device,
+            "threshold": self.threshold,
+            "input_mode": self.scorer.config.input_mode,
+            "patch_size": self.patch_size,
+            "stride": self.scorer.config.stride,
+            "loaded_at": self.loaded_at,
+            "manifest": self.manifest,
+        }
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` -> cuda when torch sees a GPU, else cpu. Raises ValueError for an unusable device."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"VAD_DEVICE={requested} but CUDA is not available")
+        index = int(requested.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"VAD_DEVICE={requested} but only {torch.cuda.device_count()} GPU(s) are visible")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("VAD_DEVICE=mps but MPS is not available")
+    return requested
+
+
+def smoke_test(scorer: Scorer) -> None:
+    """Score one synthetic frame end to end; raise VersionRejected unless the result is finite."""
+    side = scorer.config.patch_size * SMOKE_FRAME_SIDE
+    ramp = np.linspace(0, 255, side * side, dtype=np.float32).reshape(side, side)
+    frame = ramp.astype(np.uint8)[None]
+    results = FrameStream(scorer).score(frame)
+    if len(results) != 1 or not math.isfinite(results[0].score) or not np.isfinite(results[0].map).all():
+        raise VersionRejected("the smoke test produced a non-finite score")
+
+
+def load_serving_model(weights_dir: Path, version: str, device: str) -> ServingModel:
+    """Load, verify and smoke-test one version. Blocking (runs in a thread)."""
+    try:
+        loaded = registry.load_version(weights_dir, version, device)
+    except registry.VersionNotFound as exc:
+        raise UnknownVersion(str(exc)) from exc
+    except registry.RegistryError as exc:
+        raise VersionRejected(str(exc)) from exc
+    except (RuntimeError, ValueError, OSError) as exc:  # e.g. tensors that do not fit the device
+        raise VersionRejected(f"{version}: could not be loaded ({exc})") from exc
+    scorer = scorer_for(loaded, device)
+    try:
+        smoke_test(scorer)
+    except VersionRejected as exc:
+        raise VersionRejected(f"{version}: {exc.message}") from exc
+    except Exception as exc:
+        raise VersionRejected(f"{version}: the smoke test failed ({type(exc).__name__}: {exc})") from exc
+    return ServingModel(version, loaded.manifest, scorer, device)
+
+
+class ModelStore:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.weights_dir = Path(settings.weights_dir)
+        self.device = resolve_device(settings.device)
+        self.follow_latest = settings.follow_latest
+        self.follow_interval_s = settings.follow_interval_s
+        self.metrics = metrics
+        self._current: ServingModel | None = None
+        self._lock: asyncio.Lock | None = None  # created in start(), on the serving loop
+        self._refused: set[str] = set()  # versions follow-latest will not retry
+        self._follower: asyncio.Task[None] | None = None
+
+    @property
+    def current(self) -> ServingModel | None:
+        return self._current
+
+    def require(self) -> ServingModel:
+        model = self._current
+        if model is None:
+            raise NotReady("no model is loaded")
+        return model
+
+    async def start(self) -> None:
+        self._lock = asyncio.Lock()
+        version = await asyncio.to_thread(registry.active_version, self.weights_dir)
+        if version is None:
+            log.warning("no published version in %s: not ready until one is activated", self.weights_dir)
+        else:
+            try:
+                await self.activate(version, persist=False)
+            except ServiceError as exc:
+                log.error("could not load the active version %s: %s", version, exc.message)
+        if self.follow_latest:
+            self._follower = asyncio.create_task(self._follow(), name="vad-follow-latest")
+
+    async def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            try:
+                await self._follower
+            except asyncio.CancelledError:
+                pass
+            self._follower = None
+
+    async def activate(self, version: str, persist: bool = True) -> tuple[ServingModel, str | None]:
+        """Load, verify, smoke-test and swap in ``version``; returns (new model, previous version)."""
+        if self._lock is None:
+            raise NotReady("the model store is not started")
+        async with self._lock:
+            previous = self._current
+            if previous is not None and previous.version == version:
+                if persist:
+                    await asyncio.to_thread(registry.set_active_version, self.weights_dir, version)
+                return previous, previous.version
+            try:
+                model = await asyncio.to_thread(load_serving_model, self.weights_dir, version, self.device)
+            except ServiceError as exc:
+                if isinstance(exc, VersionRejected):
+                    self._refused.add(version)
+                self.metrics.failed_reloads.inc()
+                log.warning("activation of %s refused: %s", version, exc.message)
+                raise
+            if persist:
+                await asyncio.to_thread(registry.set_active_version, self.weights_dir, version)
+            self._current = model
+            self.metrics.set_active_model(model.version, model.device)
+            self.metrics.model_reloads.inc()
+            log.info("serving %s on %s", model.version, model.device)
+            return model, previous.version if previous else None
+
+    def list_versions(self) -> list[dict[str, Any]]:
+        """Every published version with its manifest (or why it cannot be read). Blocking."""
+        current = self._current.version if self._current else None
+        entries = []
+        for version in registry.list_versions(self.weights_dir):
+            entry: dict[str, Any] = {"version": version, "active": version == current}
+            try:
+                entry["manifest"] = registry.read_manifest(self.weights_dir, version)
+            except registry.RegistryError as exc:
+                entry["manifest"] = None
+                entry["error"] = str(exc)
+            entries.append(entry)
+        return entries
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.follow_interval_s)
+            try:
+                latest = await asyncio.to_thread(registry.latest_version, self.weights_dir)
+                current = self._current.version if self._current else None
+                if latest and latest != current and latest not in self._refused:
+                    await self.activate(latest)
+            except ServiceError:
+                pass  # counted and logged by activate(); the old model keeps serving
+            except Exception:
+                log.exception("follow-latest poll failed")

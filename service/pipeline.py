@@ -1,0 +1,107 @@
+"""Frames -> results through the shared batcher: the scoring path of every endpoint.
+
+``StreamScorer`` is model.scoring.FrameStream with the forward pass replaced by a batcher job:
+prepare (motion channel + patch grid) and finish (calibrated scores, maps, smoothing) run in worker
+threads, the forward pass in the batcher's inference thread, so the event loop only coordinates.
+It is pinned to one ServingModel for its whole life.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model.scoring import FrameResult, FrameStream
+from service.batcher import Batcher
+from service.metrics import Metrics
+from service.model_store import ServingModel
+from service.errors import Undecodable
+from service.video import VideoSource, decode_image
+
+SOURCE_CLIP = "clip"
+SOURCE_FRAME = "frame"
+SOURCE_STREAM = "stream"
+DEFAULT_FPS = 10.0  # FrameStream's default, for frames without a clip's fps
+
+
+class StreamScorer:
+    def __init__(
+        self, model: ServingModel, batcher: Batcher, metrics: Metrics, source: str, fps: float = DEFAULT_FPS
+    ) -> None:
+        self.model = model
+        self.stream = FrameStream(model.scorer, fps)
+        self.batcher = batcher
+        self.metrics = metrics
+        self.source = source
+        self.score_seconds = 0.0
+
+    async def score(self, gray: np.ndarray) -> list[FrameResult]:
+        """(T, H, W) uint8 frames, in stream order -> one result per frame."""
+        started = time.perf_counter()
+        patches, grid, count = await asyncio.to_thread(self.stream.prepare, gray)
+        raw = await self.batcher.score(self.model, patches)
+        results = await asyncio.to_thread(self.stream.finish, raw, grid, count)
+        self.score_seconds += time.perf_counter() - started
+        self.metrics.record_frames(self.source, len(results), sum(r.anomalous for r in results))
+        return results
+
+
+@dataclass
+class ClipTimings:
+    """Seconds spent receiving the upload, decoding (overlaps scoring), scoring, and in total."""
+
+    started: float = field(default_factory=time.perf_counter)
+    upload_s: float = 0.0
+
+    def upload_done(self) -> None:
+        self.upload_s = time.perf_counter() - self.started
+
+    def as_dict(self, source: VideoSource, scorer: StreamScorer) -> dict[str, float]:
+        return {
+            "upload_s": round(self.upload_s, 4),
+            "decode_s": round(source.decode_seconds, 4),
+            "score_s": round(scorer.score_seconds, 4),
+            "total_s": round(time.perf_counter() - self.started, 4),
+        }
+
+
+def _swallow(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved, so an abandoned read's error is not logged as unhandled
+
+
+async def iter_clip_results(
+    source: VideoSource, scorer: StreamScorer, chunk_frames: int, first: np.ndarray
+) -> AsyncIterator[FrameResult]:
+    """Score a clip chunk by chunk from its ``first`` chunk on, yielding each frame's result as its
+    chunk is scored; the next chunk is decoded while the current one is scored."""
+    gray: np.ndarray | None = first
+    read = asyncio.ensure_future(asyncio.to_thread(source.read, chunk_frames))
+    try:
+        while gray is not None:
+            for result in await scorer.score(gray):
+                yield result
+            gray = await read
+            if gray is not None:
+                read = asyncio.ensure_future(asyncio.to_thread(source.read, chunk_frames))
+    finally:
+        read.add_done_callback(_swallow)
+        if not read.done():
+            read.cancel()  # the read thread finishes its chunk; VideoSource.close waits for it
+
+
+async def decode_frame(data: bytes, max_pixels: int, min_side: int) -> np.ndarray:
+    """One encoded image -> (H, W) uint8 grayscale, decoded in a worker thread."""
+    return await asyncio.to_thread(decode_image, data, max_pixels, min_side)
+
+
+async def read_first_chunk(source: VideoSource, chunk_frames: int) -> np.ndarray:
+    """The clip's first chunk, read before a response starts so an undecodable clip is a 422."""
+    gray = await asyncio.to_thread(source.read, chunk_frames)
+    if gray is None:
+        raise Undecodable(f"the {source.container} file has no decodable frames")
+    return gray

@@ -1,0 +1,28 @@
+"""POST /v1/clips: score a whole video file (JSON, or NDJSON as frames are scored)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from service.clips import clip_response
+from service.deps import AcceptHeader, IncludeMaps, ReadyModel, ServicesDep, StreamFlag
+from service.responses import NDJSON_MEDIA_TYPE, wants_ndjson
+from service.schemas import ClipResponse, ErrorResponse
+
+router = APIRouter(tags=["scoring"])
+
+
+@router.post(
+    "/v1/clips", summary="Score a video clip (multipart field 'file', or the raw body)",
+    response_model=ClipResponse, response_class=Response,
+    responses={
+        200: {"content": {NDJSON_MEDIA_TYPE: {}}, "description": "JSON, or NDJSON lines with Accept: application/x-ndjson"},
+        **{code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 503)},
+    },
+)
+async def score_clip(
+    request: Request, services: ServicesDep, model: ReadyModel, maps: IncludeMaps = True,
+    stream: StreamFlag = False, accept: AcceptHeader = None,
+) -> Response:
+    return await clip_response(request, services, model, maps, wants_ndjson(accept, stream))

@@ -1,0 +1,93 @@
+"""Wire shapes. Frame and clip bodies are built by model.detect.clip_summary / FrameResult.to_dict
+(the same numbers as `vad detect`); the models here document them in OpenAPI, type the small
+endpoints and validate WebSocket control messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+
+from service.settings import DropPolicy
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. too_large, overloaded.")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class FrameOut(BaseModel):
+    index: int
+    timestamp_s: float
+    score: float = Field(description="Frame score: its most anomalous patch, causally smoothed.")
+    anomalous: bool = Field(description="score > threshold (tau).")
+    uncertain: bool = Field(description="score inside the calibrated reject band around tau.")
+    map: list[list[float]] | None = Field(None, description="Patch anomaly in [0, 1], rows x cols; omitted with maps=false.")
+
+
+class FrameResponse(FrameOut):
+    model_version: str
+    threshold: float
+
+
+class ClipResponse(BaseModel):
+    model_version: str
+    threshold: float
+    fps: float
+    frame_count: int
+    anomalous_frames: list[int]
+    frames: list[FrameOut]
+    timings: dict[str, float]
+
+
+class VersionEntry(BaseModel):
+    version: str
+    active: bool
+    manifest: dict[str, Any] | None
+    error: str | None = None
+
+
+class VersionList(BaseModel):
+    active: str | None
+    versions: list[VersionEntry]
+
+
+class ActiveModel(BaseModel):
+    version: str
+    device: str
+    threshold: float
+    input_mode: str
+    patch_size: int
+    stride: int
+    loaded_at: float
+    manifest: dict[str, Any]
+
+
+class Activation(BaseModel):
+    version: str
+    previous: str | None
+    changed: bool
+    device: str
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    model_version: str
+
+
+class StreamControl(BaseModel):
+    """A WebSocket text message: any subset of the stream's options; unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    maps: StrictBool | None = None
+    drop_policy: DropPolicy | None = None
+    fps: StrictFloat | StrictInt | None = Field(None, gt=0, le=1000)

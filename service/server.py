@@ -1,0 +1,28 @@
+"""``vad serve``: run the app under uvicorn."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings
+
+
+def uvicorn_config(app: Any, settings: Settings, host: str, port: int, **extra: Any) -> uvicorn.Config:
+    """The uvicorn configuration the server runs with (tests reuse it on a loopback port).
+
+    The WebSocket frame limit is VAD_WS_MAX_MESSAGE_BYTES, so an over-size message is refused by the
+    protocol layer (close 1009) before it is buffered; the app checks it again.
+    """
+    return uvicorn.Config(
+        app, host=host, port=port, ws_max_size=settings.ws_max_message_bytes, log_level=settings.log_level,
+        server_header=False, **extra,
+    )
+
+
+def serve(host: str, port: int, weights_dir: str | None) -> None:
+    overrides: dict[str, Any] = {"weights_dir": weights_dir} if weights_dir else {}
+    settings = Settings(**overrides)
+    uvicorn.Server(uvicorn_config(create_app(settings), settings, host, port)).run()

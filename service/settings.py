@@ -1,0 +1,82 @@
+"""Every server setting in one typed place, read from ``VAD_*`` environment variables.
+
+``Settings()`` reads the environment; tests and ``serve()`` pass their own values as keyword
+arguments (which win over the environment). docs/server.md has the table of every setting.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.registry import BUNDLED_WEIGHTS_DIR
+
+MiB = 1024 * 1024
+DropPolicy = Literal["drop_oldest", "reject_newest"]
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VAD_", extra="ignore", frozen=True)
+
+    # Model
+    weights_dir: Path = Field(BUNDLED_WEIGHTS_DIR, description="Registry folder holding vNNNN versions and ACTIVE.")
+    device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps.")
+    follow_latest: bool = Field(False, description="Poll the registry and activate the newest published version.")
+    follow_interval_s: float = Field(10.0, gt=0, description="Seconds between polls when follow_latest is on.")
+
+    # Dynamic batching
+    max_batch_patches: int = Field(4096, ge=1, description="Most patches in one forward pass.")
+    max_queue_delay_ms: float = Field(5.0, ge=0, description="Longest a batch waits for more work after its first job.")
+    max_queue: int = Field(
+        64, ge=1,
+        description="Scoring requests admitted at once (clip upload, single frame or WebSocket frame: one each).",
+    )
+    clip_chunk_frames: int = Field(16, ge=1, le=1024, description="Frames of a clip decoded and scored per job.")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503 overloaded / not ready.")
+
+    # Input limits
+    max_upload_bytes: int = Field(256 * MiB, ge=1, description="Largest clip upload (the file part's bytes).")
+    max_image_bytes: int = Field(16 * MiB, ge=1, description="Largest image posted to /v1/frames.")
+    max_frames: int = Field(9_000, ge=1, description="Most frames decoded from one clip.")
+    max_pixels: int = Field(4096 * 2160, ge=1, description="Largest frame (width x height), checked from headers.")
+    ws_max_message_bytes: int = Field(16 * MiB, ge=1, description="Largest WebSocket message; larger closes with 1009.")
+    ws_max_pending_frames: int = Field(
+        8, ge=1, description="Frames a WebSocket may have waiting to be scored before its drop policy applies."
+    )
+    ws_drop_policy: DropPolicy = Field("drop_oldest", description="Default drop policy of a new WebSocket stream.")
+
+    # Access
+    api_key: SecretStr | None = Field(None, description="When set, Bearer key required on state-changing endpoints.")
+    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (JSON list); none by default.")
+    log_level: str = Field("info", description="uvicorn log level.")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError("device must be auto, cpu, mps, cuda or cuda:N")
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            return None
+        return value
+
+    @property
+    def max_queue_delay_s(self) -> float:
+        return self.max_queue_delay_ms / 1000.0
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings from the environment (cached); create_app() accepts others."""
+    return Settings()
