@@ -16,10 +16,12 @@ def uvicorn_config(app: Any, settings: Settings, host: str, port: int, **extra: 
     The WebSocket frame limit is VAD_WS_MAX_MESSAGE_BYTES, so an over-size message is refused by the
     protocol layer (close 1009) before it is buffered; the app checks it again.
     """
-    return uvicorn.Config(
-        app, host=host, port=port, ws_max_size=settings.ws_max_message_bytes, log_level=settings.log_level,
-        server_header=False, **extra,
-    )
+    options: dict[str, Any] = {
+        "host": host, "port": port, "ws_max_size": settings.ws_max_message_bytes,
+        "log_level": settings.log_level, "server_header": False,
+    }
+    options.update(extra)
+    return uvicorn.Config(app, **options)
 
 
 def serve(host: str, port: int, weights_dir: str | None) -> None:

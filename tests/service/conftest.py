@@ -34,7 +34,7 @@ TINY_TRAINING = TrainConfig(
 
 
 @pytest.fixture(scope="session")
-def trained_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def service_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A registry with v0001 (trained on synthetic footage; ACTIVE) and v0002 (its detector bias
     shifted: a distinct version whose scores differ)."""
     root = tmp_path_factory.mktemp("vad-training")
@@ -61,9 +61,9 @@ def trained_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def weights_dir(trained_weights: Path, tmp_path: Path) -> Path:
+def weights_dir(service_weights: Path, tmp_path: Path) -> Path:
     """A private copy of the session registry (tests activate and tamper freely)."""
-    return Path(shutil.copytree(trained_weights, tmp_path / "weights"))
+    return Path(shutil.copytree(service_weights, tmp_path / "weights"))
 
 
 @pytest.fixture(autouse=True)

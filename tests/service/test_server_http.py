@@ -318,3 +318,21 @@ def test_metrics_exposition(client, clip_file: Path) -> None:
     assert sample_value(families, "vad_active_model_info", "vad_active_model_info", version="v0001", device="cpu") == 1
     assert sample_value(families, "vad_websocket_connections", "vad_websocket_connections") == 0
     assert families["vad_model_reload_failures"].type == "counter"
+
+
+def test_follow_latest_activates_the_newest_version_and_skips_a_broken_one(make_client, weights_dir: Path) -> None:
+    import shutil
+    import time
+
+    client = make_client(follow_latest=True, follow_interval_s=0.05)
+    deadline = time.monotonic() + 10
+    while client.get("/v1/models/active").json()["version"] != "v0002" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.get("/v1/models/active").json()["version"] == "v0002"
+    shutil.copytree(weights_dir / "v0001", weights_dir / "v0003")
+    (weights_dir / "v0003" / "model.safetensors").write_bytes(b"tampered")
+    time.sleep(0.5)  # ten polls
+    assert client.get("/v1/models/active").json()["version"] == "v0002"
+    families = metric_families(client.get("/metrics").text)
+    assert sample_value(families, "vad_model_reload_failures", "vad_model_reload_failures_total") == 1.0
+    assert sample_value(families, "vad_model_reloads", "vad_model_reloads_total") == 2.0
