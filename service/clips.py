@@ -93,7 +93,7 @@ async def clip_response(
     finally:
         await results.aclose()
         await release()
-    summary = clip_summary(
-        model.version, model.threshold, source.fps, frames, include_maps, timings.as_dict(source, scorer)
+    summary = await asyncio.to_thread(  # maps of thousands of frames: built off the event loop
+        clip_summary, model.version, model.threshold, source.fps, frames, include_maps, timings.as_dict(source, scorer)
     )
     return await json_response(summary)

@@ -64,8 +64,19 @@ class ServingModel:
             "patch_size": self.patch_size,
             "stride": self.scorer.config.stride,
             "loaded_at": self.loaded_at,
-            "manifest": self.manifest,
+            "manifest": json_safe(self.manifest),
         }
+
+
+def json_safe(value: Any) -> Any:
+    """A manifest with NaN/inf figures (e.g. an undefined AUC) as strict JSON: those become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def resolve_device(requested: str) -> str:
@@ -190,7 +201,7 @@ class ModelStore:
         for version in registry.list_versions(self.weights_dir):
             entry: dict[str, Any] = {"version": version, "active": version == current}
             try:
-                entry["manifest"] = registry.read_manifest(self.weights_dir, version)
+                entry["manifest"] = json_safe(registry.read_manifest(self.weights_dir, version))
             except registry.RegistryError as exc:
                 entry["manifest"] = None
                 entry["error"] = str(exc)

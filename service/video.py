@@ -44,7 +44,7 @@ VIDEO_SIGNATURES = (
     ("asf", ".wmv", lambda h: h[:8] == b"\x30\x26\xb2\x75\x8e\x66\xcf\x11"),
     ("y4m", ".y4m", lambda h: h[:9] == b"YUV4MPEG2"),
     ("gif", ".gif", lambda h: h[:6] in (b"GIF87a", b"GIF89a")),
-    ("annexb", ".h264", lambda h: h[:4] == b"\x00\x00\x00\x01"),
+    ("h264", ".h264", lambda h: h[:4] == b"\x00\x00\x00\x01"),
     ("mpeg-ts", ".ts", lambda h: len(h) > 188 and h[0] == 0x47 and h[188] == 0x47),
 )
 

@@ -195,3 +195,11 @@ def test_serve_runs_uvicorn_with_the_settings(monkeypatch: pytest.MonkeyPatch, w
     config = captured["config"]
     assert (config.host, config.port, config.ws_max_size) == ("127.0.0.1", 8123, 12345)
     assert config.app.state.services.settings.weights_dir == weights_dir
+
+
+def test_every_setting_is_documented() -> None:
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "server.md").read_text()
+    missing = [name for name in Settings.model_fields if f"`VAD_{name.upper()}`" not in docs]
+    assert missing == []
