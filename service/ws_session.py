@@ -41,6 +41,7 @@ from service.video import SNIFF_BYTES, sniff_image
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_INVALID_PAYLOAD = 1007
 CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
 REPLY_QUEUE_FACTOR = 4  # replies (resolved or not) a client may be behind before reading pauses
 
@@ -112,12 +113,16 @@ class StreamSession:
             # asyncio.wait, not gather: a cancellation of this task (server shutdown) must not be
             # turned into the children's cancellation and back (anyio counts cancellations).
             await asyncio.wait(tasks)
-        close = receiver.exception() if receiver.done() and not receiver.cancelled() else None
-        if isinstance(close, _Close):
-            try:
-                await self.ws.close(close.code, close.reason)
-            except (RuntimeError, WebSocketDisconnect, OSError):
-                pass  # the client is already gone
+        failure = receiver.exception() if receiver.done() and not receiver.cancelled() else None
+        if failure is None or isinstance(failure, WebSocketDisconnect):
+            return
+        if not isinstance(failure, _Close):
+            log.error("stream receiver failed", exc_info=failure)
+            failure = _Close(CLOSE_INTERNAL_ERROR, "internal server error")
+        try:
+            await self.ws.close(failure.code, failure.reason)
+        except (RuntimeError, WebSocketDisconnect, OSError):
+            pass  # the client is already gone
 
     # --- receiver --------------------------------------------------------------------------------
 

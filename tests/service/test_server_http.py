@@ -199,7 +199,13 @@ def test_clip_limits(make_client, clip_file: Path, tmp_path: Path) -> None:
     assert_error(post_file(make_client(max_frames=5), "/v1/clips", data), 422, "limit_exceeded")
     assert_error(post_file(make_client(max_pixels=64 * 95), "/v1/clips", data), 422, "limit_exceeded")
     small = write_avi(tmp_path / "small.avi", np.zeros((3, 12, 12), np.uint8))
-    assert_error(post_file(make_client(), "/v1/clips", small.read_bytes()), 422, "frame_too_small")
+    client = make_client()
+    assert_error(post_file(client, "/v1/clips", small.read_bytes()), 422, "frame_too_small")
+    # A container declaring 12000x12000 frames is refused from its header, before any frame is decoded.
+    huge = b"YUV4MPEG2 W12000 H12000 F10:1 Ip A1:1 C420jpeg\nFRAME\n" + bytes(5000)
+    response = post_file(client, "/v1/clips", huge)
+    assert_error(response, 422, "limit_exceeded")
+    assert "12000x12000" in response.json()["error"]["message"]
 
 
 def test_clip_parity_with_vad_detect(client, clip_file: Path, weights_dir: Path) -> None:

@@ -117,7 +117,7 @@ def test_concurrent_streams_share_batches(live_server) -> None:
 
 
 def test_hot_swap_under_load(live_server, tmp_path: Path, weights_dir: Path) -> None:
-    server = live_server(max_queue_delay_ms=5)
+    server = live_server(max_queue_delay_ms=20)
     clip = write_avi(tmp_path / "clip.avi", synthetic_frames(10, seed=7))
     clip_bytes = clip.read_bytes()
     reference = {
