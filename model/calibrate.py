@@ -37,21 +37,31 @@ def frame_peaks(raw: torch.Tensor, mode: str, calibration: Calibration | None) -
 
 
 def component_statistics(raws: list[torch.Tensor]) -> tuple[dict[str, float], dict[str, float]]:
-    """Median and (q99 - median) of each component over held-out normal patches.
+    """Median and standard deviation of each component's frame peaks on held-out normal frames.
 
-    The upper spread rather than a standard deviation: frame scores are maxima, so what must be
-    comparable between components is their tail on normal patches, not their bulk.
+    Frame statistics rather than patch statistics: a frame's score is its most anomalous patch, so
+    what the fused score must put on one scale is how each component's maximum varies over normal
+    frames (most patches are static background and say nothing about that tail).
     """
-    flat = torch.cat([r.reshape(-1, len(COMPONENTS)) for r in raws]).double()
-    if flat.shape[0] > 2_000_000:
-        flat = flat[torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(0))[:2_000_000]]
     center, scale = {}, {}
-    for i, name in enumerate(COMPONENTS):
-        median = float(flat[:, i].median())
-        spread = float(torch.quantile(flat[:, i], 0.99)) - median
-        center[name] = median
-        scale[name] = max(spread, 1e-6)
+    for name in COMPONENTS:
+        peaks = np.concatenate([frame_peaks(raw, name, None) for raw in raws])
+        center[name] = float(np.median(peaks))
+        scale[name] = max(float(np.std(peaks)), 1e-6)
     return center, scale
+
+
+def threshold_from_normal(
+    scores: np.ndarray, false_alarm_rate: float, reject_band: tuple[float, float]
+) -> tuple[float, tuple[float, float]]:
+    """tau exceeded by ``false_alarm_rate`` of normal frame scores; the band between the scores
+    exceeded by the band's (high, low) rates."""
+    if len(scores) == 0:
+        raise ValueError("no normal frame scores to calibrate on")
+    low_rate, high_rate = reject_band
+    threshold = float(np.quantile(scores, 1 - false_alarm_rate))
+    band = (float(np.quantile(scores, 1 - high_rate)), float(np.quantile(scores, 1 - low_rate)))
+    return threshold, band
 
 
 def fit_calibration(
@@ -75,9 +85,7 @@ def fit_calibration(
     scores = np.concatenate(
         [causal_mean(frame_peaks(raw, draft.score_mode, draft), draft.smoothing_frames) for raw in raws]
     )
-    low_rate, high_rate = train_config.reject_band
-    threshold = float(np.quantile(scores, 1 - train_config.false_alarm_rate))
-    band = (float(np.quantile(scores, 1 - high_rate)), float(np.quantile(scores, 1 - low_rate)))
+    threshold, band = threshold_from_normal(scores, train_config.false_alarm_rate, train_config.reject_band)
     median = float(np.median(scores))
     return Calibration(
         score_mode=draft.score_mode,

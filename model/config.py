@@ -30,7 +30,7 @@ class ModelConfig:
 
     input_mode: InputMode = "appearance+motion"
     patch_size: int = 30
-    stride: int = 15
+    stride: int = 30
     latent_dim: int = 64
     refiner_channels: tuple[int, int, int] = (16, 32, 64)
     detector_channels: tuple[int, int, int] = (16, 32, 64)

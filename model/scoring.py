@@ -5,8 +5,8 @@ Every patch gets three raw anomaly components, higher = more anomalous:
 - ``d_r_x``: -logit D(R(X)), the paper's test score (logits, so ranks do not saturate at 0 or 1);
 - ``d_x``: -logit D(X), the paper's weaker alternative;
 - ``reconstruction``: mean squared error ||X - R(X)||^2 over the patch's pixels.
-``fused`` adds ``d_r_x`` and ``reconstruction`` after standardising each by its spread on held-out
-normal patches. A frame's score is its most anomalous patch (the paper's rule), averaged over a
+``fused`` adds ``d_r_x`` and ``reconstruction`` after standardising each by the median and spread of
+its frame maxima on held-out normal frames. A frame's score is its most anomalous patch (the paper's rule), averaged over a
 causal window of ``smoothing_frames`` frames; a frame is anomalous when that score exceeds tau.
 """
 
@@ -36,8 +36,8 @@ class Calibration:
     threshold: float  # tau on the frame score
     reject_band: tuple[float, float]  # frame scores in [low, high] are reported "uncertain"
     smoothing_frames: int
-    component_center: dict[str, float]  # median of each component on normal patches
-    component_scale: dict[str, float]  # its interquartile range (floored)
+    component_center: dict[str, float]  # median of each component's frame maxima on normal frames
+    component_scale: dict[str, float]  # their standard deviation (floored)
     map_width: float  # patch score -> [0, 1] map: sigmoid((s - tau) / map_width)
     false_alarm_rate: float
     normal_frame_quantiles: dict[str, float] = field(default_factory=dict)
@@ -98,8 +98,9 @@ class Scorer:
         for start in range(0, patches.shape[0], batch_size):
             x = patches[start : start + batch_size].to(self.device, non_blocking=True)
             refined, _, _ = self.refiner(x)
-            d_r_x = -self.detector(refined)
-            d_x = -self.detector(x)
+            # one D pass over both inputs (eval-mode batch norm: no cross-talk between them)
+            logits = self.detector(torch.cat([refined, x]))
+            d_r_x, d_x = -logits[: len(x)], -logits[len(x) :]
             reconstruction = (x - refined).pow(2).flatten(1).mean(1)
             out.append(torch.stack([d_r_x, d_x, reconstruction], 1).float().cpu())
         if not out:

@@ -71,6 +71,45 @@ class EpochRecord:
 
 
 @dataclass
+class StoppingRule:
+    """The paper's stopping rule, made concrete.
+
+    Condition 1: R is kept whenever its held-out reconstruction error improves.
+    Condition 2: D is kept whenever its held-out separation (ROC AUC of D(X) vs D(R_best(X))) improves.
+    Stop once R has not improved for ``patience`` epochs and D's best separation reaches the target.
+    """
+
+    patience: int
+    separation_target: float
+    best_reconstruction: float = math.inf
+    best_separation: float = -1.0
+    stale_epochs: int = 0
+
+    def observe_reconstruction(self, reconstruction: float) -> bool:
+        """True when R improved (keep its parameters)."""
+        if reconstruction < self.best_reconstruction:
+            self.best_reconstruction, self.stale_epochs = reconstruction, 0
+            return True
+        self.stale_epochs += 1
+        return False
+
+    def observe_separation(self, separation: float) -> bool:
+        """True when D improved (keep its parameters)."""
+        if separation > self.best_separation:
+            self.best_separation = separation
+            return True
+        return False
+
+    @property
+    def separated(self) -> bool:
+        return self.best_separation >= self.separation_target
+
+    @property
+    def should_stop(self) -> bool:
+        return self.stale_epochs >= self.patience and self.separated
+
+
+@dataclass
 class TrainResult:
     version: str | None
     manifest: dict[str, Any]
@@ -208,8 +247,15 @@ def train(
         parent_version, weights_dir, progress, show_progress_bar, checkpoint_dir,
     )
     refiner, detector, history = result
+    refine_report: dict[str, Any] | None = None
     if reject_and_refine:
-        train_clips = _drop_rejected(refiner, detector, model_config, train_config, train_clips, holdout, resolve_device(device))
+        before = sum(c.frames for c in train_clips)
+        train_clips, dropped = _drop_rejected(
+            refiner, detector, model_config, train_config, train_clips, holdout, resolve_device(device)
+        )
+        refine_report = {"frames_before": before, "frames_dropped": len(dropped), "dropped": dropped[:1000]}
+        if show_progress_bar:
+            tqdm.write(f"reject-and-refine: dropped {len(dropped)} of {before} training frames, fine-tuning")
         refine_config = TrainConfig(**{**asdict(train_config), "max_epochs": max(1, train_config.max_epochs // 3)})
         refiner, detector, refine_history = _fit(
             train_clips, holdout, model_config, refine_config, resolve_device(device), False,
@@ -231,7 +277,7 @@ def train(
         "threshold": calibration.threshold,
         "reject_band": list(calibration.reject_band),
         "parent_version": parent_version,
-        "reject_and_refine": reject_and_refine,
+        "reject_and_refine": refine_report,
         "training_footage": {
             "sha256": digest,
             "clips": len(clips),
@@ -300,14 +346,17 @@ def _fit(
 
     best_r = copy.deepcopy(refiner.state_dict())
     best_d = copy.deepcopy(detector.state_dict())
-    best_rec, best_sep, stale, start_epoch, step = math.inf, -1.0, 0, 0, 0
+    rule = StoppingRule(cfg.patience, cfg.separation_target)
+    start_epoch, step = 0, 0
     history: list[EpochRecord] = []
     networks = {"refiner": refiner, "detector": detector}
     if resume and rank == 0:
         meta = _load_checkpoint(checkpoint_dir, networks, {"refiner": opt_r, "detector": opt_d})
         if meta is not None:
-            best_rec, best_sep, stale = meta["best_rec"], meta["best_sep"], meta["stale"]
+            rule = StoppingRule(cfg.patience, cfg.separation_target, **meta["rule"])
             start_epoch, step = meta["epoch"], meta["step"]
+            if show_progress_bar:
+                tqdm.write(f"resuming after epoch {start_epoch} from {checkpoint_dir}")
             history = [EpochRecord(**h) for h in meta["history"]]
             best = load_file(str(checkpoint_dir / "best.safetensors"))
             best_r = {k[len("refiner/") :]: v for k, v in best.items() if k.startswith("refiner/")}
@@ -342,8 +391,11 @@ def _fit(
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
+            # D sees the same real+refined batch as in its own step: with batch norm, a refined-only
+            # batch would be normalised differently and D would be fooled by the statistics alone.
+            refined_logits = ddp_d(torch.cat([x, refined]))[len(x) :]
             loss_r, terms = refiner_loss(
-                ddp_d(refined), x, refined, mu, logvar, cfg.lambda_rec, cfg.lambda_kl
+                refined_logits, x, refined, mu, logvar, cfg.lambda_rec, cfg.lambda_kl
             )
             opt_r.zero_grad(set_to_none=True)
             loss_r.backward()
@@ -356,22 +408,18 @@ def _fit(
             sums["kl"] += terms["kl"]
             bar.set_postfix(d=f"{loss_d.item():.3f}", r=f"{loss_r.item():.3f}", rec=f"{terms['rec']:.4f}")
         reconstruction, _ = holdout_figures(refiner, detector, holdout_patches)
-        improved = reconstruction < best_rec
+        improved = rule.observe_reconstruction(reconstruction)
         if improved:
-            best_rec, stale = reconstruction, 0
             best_r = copy.deepcopy(refiner.state_dict())
-        else:
-            stale += 1
-        separation = _separation_against(best_r, refiner, detector, model_config, holdout_patches, device)
-        if separation > best_sep:
-            best_sep = separation
+        separation = _separation_against(best_r, detector, model_config, holdout_patches, device)
+        if rule.observe_separation(separation):
             best_d = copy.deepcopy(detector.state_dict())
         record = EpochRecord(
             epoch=epoch, step=step,
             d_loss=sums["d"] / steps_per_epoch, r_loss=sums["r"] / steps_per_epoch,
             rec_loss=sums["rec"] / steps_per_epoch, kl_loss=sums["kl"] / steps_per_epoch,
             holdout_reconstruction=reconstruction, separation_auc=separation,
-            condition_1_improved=improved, condition_2_met=best_sep >= cfg.separation_target,
+            condition_1_improved=improved, condition_2_met=rule.separated,
             seconds=time.monotonic() - epoch_start,
         )
         history.append(record)
@@ -381,12 +429,13 @@ def _fit(
                 tqdm.write(
                     f"epoch {epoch}: D {record.d_loss:.3f} R {record.r_loss:.3f} | cond1 held-out rec "
                     f"{reconstruction:.5f}{' (best)' if improved else ''} | cond2 separation "
-                    f"{separation:.3f} (best {best_sep:.3f}, target {cfg.separation_target})"
+                    f"{separation:.3f} (best {rule.best_separation:.3f}, target {cfg.separation_target})"
                 )
             _save_checkpoint(
                 checkpoint_dir, networks, {"refiner": opt_r, "detector": opt_d},
-                {"epoch": epoch, "step": step, "best_rec": best_rec, "best_sep": best_sep, "stale": stale,
-                 "history": [asdict(h) for h in history]},
+                {"epoch": epoch, "step": step, "history": [asdict(h) for h in history],
+                 "rule": {"best_reconstruction": rule.best_reconstruction,
+                          "best_separation": rule.best_separation, "stale_epochs": rule.stale_epochs}},
             )
             save_file(
                 {**{f"refiner/{k}": v.cpu().contiguous() for k, v in best_r.items()},
@@ -397,8 +446,7 @@ def _fit(
                 epochs_left = cfg.max_epochs - epoch
                 eta = min(epochs_left * elapsed / max(1, epoch - start_epoch), max(0.0, cfg.time_budget_s - elapsed))
                 progress({**asdict(record), "max_epochs": cfg.max_epochs, "eta_s": round(eta, 1)})
-        done = stale >= cfg.patience and best_sep >= cfg.separation_target
-        if done or elapsed >= cfg.time_budget_s:
+        if rule.should_stop or elapsed >= cfg.time_budget_s:
             break
 
     refiner.load_state_dict(best_r)
@@ -408,7 +456,7 @@ def _fit(
 
 
 def _separation_against(
-    best_r: dict[str, torch.Tensor], refiner: Refiner, detector: Detector, config: ModelConfig,
+    best_r: dict[str, torch.Tensor], detector: Detector, config: ModelConfig,
     patches: torch.Tensor, device: torch.device,
 ) -> float:
     reference = Refiner(config).to(device)
@@ -450,18 +498,22 @@ def _polish_detector(
 def _drop_rejected(
     refiner: Refiner, detector: Detector, model_config: ModelConfig, cfg: TrainConfig,
     train_clips: list[EncodedClip], holdout: list[EncodedClip], device: torch.device,
-) -> list[EncodedClip]:
-    """The paper's reject-and-refine: drop training frames the first model flags as anomalous."""
+) -> tuple[list[EncodedClip], list[list[Any]]]:
+    """The paper's reject-and-refine: drop training frames the first model flags as anomalous.
+
+    Returns the kept clips and the [clip name, frame index] of every dropped frame.
+    """
     from model.calibrate import clip_raw_scores, frame_peaks
     from model.scoring import causal_mean
 
     scorer = Scorer(refiner, detector, model_config, device=device)
     calibration = fit_calibration(scorer, holdout, cfg)
-    kept = []
+    kept, dropped = [], []
     for clip in train_clips:
         raw, _ = clip_raw_scores(scorer, clip.channels)
         scores = causal_mean(frame_peaks(raw, calibration.score_mode, calibration), calibration.smoothing_frames)
         keep = scores <= calibration.threshold
+        dropped += [[clip.name, int(i)] for i in np.flatnonzero(~keep)]
         if keep.sum() >= 1:
             kept.append(EncodedClip(clip.name, clip.channels[keep]))
-    return kept
+    return kept, dropped

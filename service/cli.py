@@ -1,0 +1,189 @@
+"""`vad`: train, evaluate, detect and serve from the command line.
+
+Errors a user can cause (bad footage, unknown version, bad settings) print one line naming the problem
+and exit with status 2; nothing is published on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+DEFAULT_WEIGHTS = os.environ.get("VAD_WEIGHTS_DIR")
+
+
+def _weights_dir(value: str | None) -> Path:
+    from model.registry import BUNDLED_WEIGHTS_DIR
+
+    return Path(value or DEFAULT_WEIGHTS or BUNDLED_WEIGHTS_DIR)
+
+
+def _write_json(path: str, data: Any) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(target.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, target)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from model.config import ModelConfig, TrainConfig
+    from model.train import train
+
+    model_fields: dict[str, Any] = {"input_mode": args.input_mode}
+    if args.patch_size:
+        model_fields["patch_size"] = args.patch_size
+    if args.stride:
+        model_fields["stride"] = args.stride
+    if args.latent_dim:
+        model_fields["latent_dim"] = args.latent_dim
+    train_fields: dict[str, Any] = {}
+    for name in ("max_epochs", "time_budget_s", "patches_per_epoch", "batch_size", "score_mode",
+                 "smoothing_frames", "false_alarm_rate", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            train_fields[name] = value
+    result = train(
+        args.normal,
+        _weights_dir(args.weights),
+        ModelConfig(**model_fields),
+        TrainConfig(**train_fields),
+        device=args.device,
+        resume=args.resume,
+        parent_version=args.parent,
+        reject_and_refine=args.reject_and_refine,
+    )
+    if result.version is not None:
+        cal = result.manifest["calibration"]
+        print(f"published {result.version} in {_weights_dir(args.weights)} "
+              f"(tau {cal['threshold']:.4f}, {result.manifest['validation']['epochs']} epochs, "
+              f"{result.manifest['validation']['seconds']} s)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from model import registry
+    from model.evaluate import evaluate_ped2
+
+    if args.dataset != "ped2":
+        raise ValueError(f"unknown dataset {args.dataset!r} (supported: ped2)")
+    weights = _weights_dir(args.weights)
+    report = evaluate_ped2(args.root, weights, args.version, args.device or "cpu", plots_dir=args.plots)
+    summary, details = report["summary"], report["details"]
+    print(f"Ped2 frame-level, {summary['frames']} frames, version {summary['version']} ({summary['input_mode']}):")
+    for mode, fig in {**summary["scores"], "fused": details["fused"]}.items():
+        print(f"  {mode:15s} AUC {fig['auc']:.4f}  EER {fig['eer']:.4f}")
+    served = details["served"]
+    print(f"  served ({served['score_mode']}, causal window {served['smoothing_frames']}): "
+          f"AUC {served['auc']:.4f}  EER {served['eer']:.4f}; at tau: detection "
+          f"{served['detection_rate_at_tau']:.3f}, false alarms {served['false_alarm_rate_at_tau']:.3f}")
+    minmax = details["per_clip_minmax_non_causal"]
+    print(f"  (non-causal per-clip min-max, comparison only: AUC {minmax['auc']:.4f}  EER {minmax['eer']:.4f})")
+    print(f"  {summary['seconds']} s; plots in {args.plots}")
+    if args.json:
+        _write_json(args.json, summary)
+    if args.record:
+        registry.update_manifest(weights, summary["version"], {"ped2": {**summary, **details}})
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from model.detect import detect_file
+
+    result = detect_file(args.clip, _weights_dir(args.weights), args.version, args.device or "cpu",
+                         include_maps=not args.no_maps)
+    if args.json:
+        _write_json(args.json, result)
+    flagged = result["anomalous_frames"]
+    print(f"{args.clip}: {result['frame_count']} frames, {len(flagged)} anomalous "
+          f"(model {result['model_version']}, tau {result['threshold']:.4f})")
+    if not args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "frames"}))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.server import serve
+
+    serve(args.host, args.port, args.weights)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vad", description="Video anomaly detection (ALOCC R + D)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train on normal footage and publish weights/vNNNN")
+    train.add_argument("--normal", nargs="+", required=True, help="video files or frame folders of normal activity")
+    train.add_argument("--weights", help="weights folder (default: VAD_WEIGHTS_DIR or the bundled weights/)")
+    train.add_argument("--input-mode", default="appearance+flow",
+                       choices=["appearance", "appearance+motion", "appearance+flow"])
+    train.add_argument("--patch-size", type=int)
+    train.add_argument("--stride", type=int, help="patch stride when scoring (default 30)")
+    train.add_argument("--latent-dim", type=int)
+    train.add_argument("--epochs", dest="max_epochs", type=int)
+    train.add_argument("--time-budget", dest="time_budget_s", type=float, help="seconds")
+    train.add_argument("--patches-per-epoch", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--score-mode", choices=["d_r_x", "d_x", "reconstruction", "fused"])
+    train.add_argument("--smoothing", dest="smoothing_frames", type=int, help="causal window (frames)")
+    train.add_argument("--false-alarm-rate", type=float, help="share of normal frames above tau")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    train.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
+    train.add_argument("--parent", help="fine-tune from this version")
+    train.add_argument("--reject-and-refine", action="store_true",
+                       help="drop training frames the first model rejects, then fine-tune")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="frame-level AUC/EER on a labelled benchmark")
+    evaluate.add_argument("--dataset", default="ped2")
+    evaluate.add_argument("--root", required=True, help="dataset folder, e.g. ../shared/datasets/ped2")
+    evaluate.add_argument("--version")
+    evaluate.add_argument("--weights")
+    evaluate.add_argument("--json", help="write the summary JSON here")
+    evaluate.add_argument("--plots", default="artifacts/eval", help="folder for one PNG per test clip")
+    evaluate.add_argument("--record", action="store_true", help="store the figures in the version's manifest")
+    evaluate.add_argument("--device")
+    evaluate.set_defaults(func=cmd_eval)
+
+    detect = sub.add_parser("detect", help="score a clip offline with the active version")
+    detect.add_argument("clip", help="video file or frame folder")
+    detect.add_argument("--json", help="write the full per-frame result here")
+    detect.add_argument("--version")
+    detect.add_argument("--weights")
+    detect.add_argument("--no-maps", action="store_true")
+    detect.add_argument("--device")
+    detect.set_defaults(func=cmd_detect)
+
+    serve = sub.add_parser("serve", help="run the HTTP/WebSocket server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--weights")
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from model.config import ConfigError
+    from model.data import FootageError
+    from model.evaluate import DatasetError
+    from model.registry import RegistryError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FootageError, RegistryError, ConfigError, DatasetError, ValueError) as exc:
+        print(f"vad {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vad {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Train, detect and evaluate through the `vad` CLI, as a user runs it, on synthetic footage."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model import registry
+from model.detect import detect_file
+from service.cli import main
+from tests.conftest import synthetic_frames, write_frames, write_video
+
+TINY = ["--patch-size", "16", "--stride", "16", "--latent-dim", "8", "--patches-per-epoch", "1024",
+        "--batch-size", "64", "--epochs", "2"]
+
+
+def test_detect_json_shape_and_flags(trained_weights: Path, anomalous_clip: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    assert main(["detect", str(anomalous_clip), "--weights", str(trained_weights), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) == {"model_version", "threshold", "fps", "frame_count", "anomalous_frames", "frames", "timings"}
+    assert result["frame_count"] == 30 and len(result["frames"]) == 30
+    assert result["fps"] == pytest.approx(10.0)
+    frame = result["frames"][20]
+    assert set(frame) == {"index", "timestamp_s", "score", "anomalous", "uncertain", "map"}
+    assert frame["timestamp_s"] == pytest.approx(2.0)
+    grid = np.array(frame["map"])
+    assert grid.shape == (4, 6)  # 64x96 frames, 16x16 patches
+    assert ((grid >= 0) & (grid <= 1)).all()
+    assert result["anomalous_frames"] == [f["index"] for f in result["frames"] if f["anomalous"]]
+    scores = np.array([f["score"] for f in result["frames"]])
+    # the fast bright block (frames 15+) must stand out from the normal first half
+    assert scores[16:].mean() > scores[1:15].max()
+    assert len(set(result["anomalous_frames"]) & set(range(16, 30))) >= 7
+
+
+def test_detect_is_the_same_in_pieces_and_at_once(trained_weights: Path, anomalous_clip: Path) -> None:
+    whole = detect_file(anomalous_clip, trained_weights)
+    from model.detect import scorer_for
+    from model.data import read_footage
+    from model.scoring import FrameStream
+
+    loaded = registry.load_version(trained_weights, whole["model_version"])
+    stream = FrameStream(scorer_for(loaded), fps=10.0)
+    gray = read_footage(anomalous_clip).gray
+    piecewise = [r for i in range(len(gray)) for r in stream.score(gray[i : i + 1])]
+    assert [r.score for r in piecewise] == pytest.approx([f["score"] for f in whole["frames"]], rel=1e-4, abs=1e-5)
+
+
+def test_train_cli_publishes_with_manifest(normal_footage: list[Path], tmp_path: Path, capsys) -> None:
+    code = main(["train", "--normal", *map(str, normal_footage), "--weights", str(tmp_path),
+                 "--input-mode", "appearance", *TINY])
+    assert code == 0
+    assert "published v0001" in capsys.readouterr().out
+    manifest = registry.read_manifest(tmp_path, "v0001")
+    for key in ("model_config", "calibration", "threshold", "reject_band", "input_mode", "training_footage",
+                "validation", "created_at", "package_version", "parent_version", "history"):
+        assert key in manifest, key
+    assert manifest["input_mode"] == "appearance"
+    assert manifest["training_footage"]["frames"] == 80
+    lo, hi = manifest["reject_band"]
+    assert lo <= manifest["threshold"] <= hi
+    for record in manifest["history"]:
+        assert {"holdout_reconstruction", "separation_auc", "condition_1_improved", "condition_2_met"} <= set(record)
+    assert not (tmp_path / ".checkpoints").exists() or not any((tmp_path / ".checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("case", ["missing", "empty_folder", "not_video", "mixed_sizes", "too_short"])
+def test_bad_footage_fails_clearly_and_publishes_nothing(case: str, tmp_path: Path, normal_footage, capsys) -> None:
+    weights = tmp_path / "weights"
+    if case == "missing":
+        bad = tmp_path / "nope.mp4"
+    elif case == "empty_folder":
+        bad = tmp_path / "empty"
+        bad.mkdir()
+    elif case == "not_video":
+        bad = tmp_path / "notes.mp4"
+        bad.write_bytes(os.urandom(2048))
+    elif case == "mixed_sizes":
+        bad = write_frames(tmp_path / "mixed", synthetic_frames(5, seed=1))
+        import cv2
+
+        cv2.imwrite(str(bad / "002.png"), np.zeros((10, 10), np.uint8))
+    else:
+        bad = write_frames(tmp_path / "short", synthetic_frames(2, seed=1))
+    code = main(["train", "--normal", str(bad), "--weights", str(weights), *TINY])
+    message = capsys.readouterr().err
+    assert code == 2
+    assert "error" in message and str(bad.name) in message
+    assert registry.list_versions(weights) == []
+
+
+def test_different_frame_sizes_across_clips_are_refused(normal_footage, tmp_path: Path, capsys) -> None:
+    other = write_video(tmp_path / "other.avi", np.zeros((5, 32, 48), np.uint8))
+    assert main(["train", "--normal", str(normal_footage[0]), str(other), "--weights", str(tmp_path / "w"), *TINY]) == 2
+    assert "other.avi" in capsys.readouterr().err
+
+
+def test_resume_after_a_crash_continues_from_the_last_epoch(normal_footage, tmp_path: Path) -> None:
+    weights = tmp_path / "weights"
+    args = [sys.executable, "-m", "service.cli", "train", "--normal", *map(str, normal_footage),
+            "--weights", str(weights), "--input-mode", "appearance", *TINY[:-1], "4"]
+    root = Path(__file__).parents[2]
+    process = subprocess.Popen(args, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(weights.glob(".checkpoints/*/checkpoint.safetensors")):
+        assert time.monotonic() < deadline and process.poll() is None, "no checkpoint was written"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert registry.list_versions(weights) == []
+    resumed = subprocess.run([*args, "--resume"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert re.search(r"resuming after epoch [123]\b", resumed.stdout + resumed.stderr)
+    history = registry.read_manifest(weights, "v0001")["history"]
+    epochs = [h["epoch"] for h in history]
+    assert epochs == sorted(epochs) and epochs[0] == 1 and len(epochs) == len(set(epochs))
+
+
+def test_reject_and_refine_drops_contaminated_frames(tmp_path: Path) -> None:
+    """Mix anomalous frames into the training footage: the first model must reject mostly those."""
+    from model.train import train
+    from tests.conftest import tiny_model_config, tiny_train_config
+
+    clean = write_frames(tmp_path / "clean", synthetic_frames(60, seed=2))
+    contaminated = synthetic_frames(60, seed=3, anomaly_from=40)  # frames 40..59 hold the anomaly
+    dirty = write_frames(tmp_path / "dirty", contaminated)
+    result = train([clean, dirty], tmp_path / "w", tiny_model_config(),
+                   tiny_train_config(max_epochs=3, false_alarm_rate=0.05, reject_band=(0.02, 0.1)),
+                   reject_and_refine=True, show_progress_bar=False)
+    report = result.manifest["reject_and_refine"]
+    assert report["frames_dropped"] > 0
+    dropped_dirty = [i for name, i in report["dropped"] if name == "dirty" and i >= 40]
+    # anomalous frames are 20 of the ~96 training frames; most dropped frames must be among them
+    assert len(dropped_dirty) / report["frames_dropped"] > 0.5
+    assert result.version == "v0001"
