@@ -23,6 +23,7 @@ from service.metrics import Metrics
 from service.model_store import ModelStore
 from service.routes import clips, frames, health, models, stream
 from service.settings import Settings, get_settings
+from service.ui import mount_ui
 
 log = logging.getLogger("vad.server")
 UNMATCHED_ROUTE = "<unmatched>"
@@ -90,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app, settings.retry_after_s)
     for module in (health, models, clips, frames, stream):
         app.include_router(module.router)
+    mount_ui(app)  # the web page at / (service/static), no auth
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
