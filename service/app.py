@@ -21,8 +21,9 @@ from service.deps import Services
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.model_store import ModelStore
-from service.routes import clips, frames, health, models, stream
+from service.routes import clips, frames, health, models, stream, training_jobs
 from service.settings import Settings, get_settings
+from service.training import TrainingService
 from service.ui import mount_ui
 
 log = logging.getLogger("vad.server")
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store=ModelStore(settings, metrics),
         batcher=Batcher(settings.max_batch_patches, settings.max_queue_delay_s, settings.max_queue, metrics),
     )
+    training = TrainingService(settings, metrics, services.store)  # training jobs: queue + activation policy
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -75,8 +77,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await services.batcher.start()
         try:
             await services.store.start()
+            await training.start()
             yield
         finally:
+            await training.stop()
             await services.store.stop()
             await services.batcher.stop()
             shutil.rmtree(services.upload_dir, ignore_errors=True)
@@ -88,13 +92,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = services
+    app.state.training = training
     install_error_handlers(app, settings.retry_after_s)
-    for module in (health, models, clips, frames, stream):
+    for module in (health, models, clips, frames, stream, training_jobs):
         app.include_router(module.router)
     mount_ui(app)  # the web page at / (service/static), no auth
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Accept"],
         )
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)

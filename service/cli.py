@@ -1,4 +1,4 @@
-"""`vad`: train, evaluate, detect and serve from the command line.
+"""`vad`: train, evaluate, detect, serve and run training-job workers from the command line.
 
 Errors a user can cause (bad footage, unknown version, bad settings) print one line naming the problem
 and exit with status 2; nothing is published on failure.
@@ -106,6 +106,23 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from service.settings import Settings
+    from service.worker import run_worker
+
+    overrides: dict[str, Any] = {}
+    for name in ("weights", "data_dir", "device"):
+        value = getattr(args, name)
+        if value:
+            overrides["weights_dir" if name == "weights" else name] = value
+    settings = Settings(**overrides)
+    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_worker(settings, once=args.once)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.server import serve
 
@@ -165,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--weights")
     serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run queued training jobs (POST /v1/training-jobs) until stopped")
+    worker.add_argument("--weights", help="weights folder (default: VAD_WEIGHTS_DIR or the bundled weights/)")
+    worker.add_argument("--data-dir", help="job queue and footage folder (default: VAD_DATA_DIR or ./data)")
+    worker.add_argument("--device", help="cpu, cuda, cuda:1 (default: VAD_DEVICE, auto)")
+    worker.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    worker.set_defaults(func=cmd_worker)
     return parser
 
 

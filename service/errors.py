@@ -99,11 +99,30 @@ class Forbidden(ServiceError):
     code = "forbidden"
 
 
+class InvalidJobRequest(ServiceError):
+    """A training-job submission with bad options, paths or form fields."""
+
+    code = "invalid_request"
+
+
+class JobNotFound(ServiceError):
+    code = "job_not_found"
+
+
+class JobFinished(ServiceError):
+    """Cancelling a training job that has already succeeded, failed or been cancelled."""
+
+    code = "job_finished"
+
+
 HTTP_STATUS: dict[type[ServiceError], int] = {
     BadRequest: 400,
     Unauthorized: 401,
     Forbidden: 403,
     UnknownVersion: 404,
+    JobNotFound: 404,
+    JobFinished: 409,
+    InvalidJobRequest: 422,
     UploadTooLarge: 413,
     UnsupportedMedia: 415,
     MissingFile: 422,
@@ -119,7 +138,7 @@ HTTP_STATUS: dict[type[ServiceError], int] = {
 }
 
 STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type",
+                405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "unsupported_media_type",
                 422: "invalid_request", 503: "unavailable"}
 
 

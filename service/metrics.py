@@ -60,6 +60,15 @@ class Metrics:
             "vad_model_reload_failures", "Model activations refused (verification, load or smoke test).",
             registry=r,
         )
+        self.training_jobs = Gauge(
+            "vad_training_jobs", "Training jobs in the job store by state (refreshed by the server's poll).",
+            ["state"], registry=r,
+        )
+        self.training_activations = Counter(
+            "vad_training_job_activations",
+            "Activation-policy decisions on succeeded training jobs (activated, kept, refused, manual).",
+            ["decision"], registry=r,
+        )
         for source in ("clip", "frame", "stream"):  # export zeros before the first observation
             self.frames.labels(source)
             self.anomalous_frames.labels(source)
@@ -73,6 +82,10 @@ class Metrics:
         self.frames.labels(source).inc(frames)
         if anomalous:
             self.anomalous_frames.labels(source).inc(anomalous)
+
+    def set_training_jobs(self, counts: dict[str, int]) -> None:
+        for state, count in counts.items():
+            self.training_jobs.labels(state).set(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,15 +9,16 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.registry import BUNDLED_WEIGHTS_DIR
 
 MiB = 1024 * 1024
 DropPolicy = Literal["drop_oldest", "reject_newest"]
+ActivationPolicy = Literal["manual", "auto"]
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -51,6 +52,28 @@ class Settings(BaseSettings):
     )
     ws_drop_policy: DropPolicy = Field("drop_oldest", description="Default drop policy of a new WebSocket stream.")
 
+    # Training jobs (POST /v1/training-jobs, `vad worker`); server and workers read the same values
+    data_dir: Path = Field(Path("data"), description="Job queue (jobs.sqlite3), uploaded footage and checkpoints.")
+    footage_root: Path | None = Field(
+        None, description="Folder whose files/folders jobs may name in 'paths'; unset: paths are refused."
+    )
+    activation_policy: ActivationPolicy = Field(
+        "manual", description="manual, or auto: activate a job's version when its validation is no worse."
+    )
+    job_max_attempts: int = Field(3, ge=1, description="Attempts (lease expiries) before a job fails.")
+    job_lease_s: float = Field(60.0, gt=0, description="A worker's lease on its job, renewed by heartbeats.")
+    job_heartbeat_s: float = Field(10.0, gt=0, description="Seconds between a worker's lease renewals.")
+    job_poll_interval_s: float = Field(
+        2.0, gt=0, description="Idle workers poll for jobs, the server for finished ones, this often."
+    )
+    max_training_files: int = Field(64, ge=1, description="Most footage files (uploads + paths) in one job.")
+    training_model_config: dict[str, Any] = Field(
+        default_factory=dict, description="ModelConfig fields for jobs (JSON), over the `vad train` defaults."
+    )
+    training_config: dict[str, Any] = Field(
+        default_factory=dict, description="TrainConfig fields for jobs (JSON); a job's options win."
+    )
+
     # Access
     api_key: SecretStr | None = Field(None, description="When set, Bearer key required on state-changing endpoints.")
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (JSON list); none by default.")
@@ -70,6 +93,36 @@ class Settings(BaseSettings):
         if value is not None and not value.get_secret_value():
             return None
         return value
+
+    @field_validator("footage_root", mode="before")
+    @classmethod
+    def _empty_root_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("training_model_config")
+    @classmethod
+    def _valid_model_config(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from model.config import ModelConfig
+
+        ModelConfig.from_dict({"input_mode": "appearance+flow", **value})  # raises ConfigError (a ValueError)
+        return value
+
+    @field_validator("training_config")
+    @classmethod
+    def _valid_train_config(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from model.config import TrainConfig
+
+        try:
+            TrainConfig(**value)
+        except TypeError as exc:
+            raise ValueError(f"unknown training settings ({exc})") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> "Settings":
+        if self.job_heartbeat_s >= self.job_lease_s:
+            raise ValueError("job_heartbeat_s must be shorter than job_lease_s (a lease must be renewed before it ends)")
+        return self
 
     @property
     def max_queue_delay_s(self) -> float:

@@ -1,0 +1,485 @@
+"""Training jobs: a durable queue shared by the server (which submits and watches) and the workers.
+
+``JobStore`` is the interface; ``SqliteJobStore`` is the embedded default, one SQLite file in the data
+folder (``VAD_DATA_DIR/jobs.sqlite3``) opened in WAL mode, so readers never block the writer. A
+server-grade queue (PostgreSQL ``SELECT ... FOR UPDATE SKIP LOCKED``, Redis streams) can replace it by
+implementing the same methods with the same guarantees:
+
+- ``claim`` hands a queued job to exactly one worker: the expired-lease sweep and the guarded
+  ``UPDATE ... WHERE id = ? AND state = 'queued'`` run in one ``BEGIN IMMEDIATE`` transaction, which
+  takes SQLite's write lock before reading, so two workers can never both see the job as queued;
+- a worker owns its job through a lease (``lease_expires_at``) that its heartbeat renews. Every
+  write a worker makes is fenced by (worker id, attempt number): once a lease has expired and the job
+  was requeued or taken by another worker, the old worker's writes change nothing and it is told so;
+- an expired lease puts the job back in the queue (the next worker resumes from the last epoch
+  checkpoint), fails it once it has been attempted ``max_attempts`` times, or cancels it if a cancel
+  was pending.
+
+Timestamps are Unix seconds (``time.time()``), so workers on other machines need synchronised clocks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+DB_FILE = "jobs.sqlite3"
+SCHEMA_VERSION = 1
+MAX_EVENTS = 200  # events kept per job (oldest dropped)
+
+# What a worker's heartbeat or progress write learns about its job.
+LeaseStatus = Literal["ok", "cancel", "lost"]
+
+
+class JobNotFoundError(LookupError):
+    pass
+
+
+class JobFinishedError(Exception):
+    """The job is already succeeded, failed or cancelled."""
+
+    def __init__(self, job: "Job") -> None:
+        super().__init__(f"training job {job.id} is already {job.state}")
+        self.job = job
+
+
+@dataclass
+class Job:
+    id: str
+    state: str
+    options: dict[str, Any]
+    config: dict[str, Any]
+    footage: list[dict[str, Any]]
+    created_at: float
+    updated_at: float
+    progress: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    version: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    worker_id: str | None = None
+    lease_expires_at: float | None = None
+    cancel_requested: bool = False
+    started_at: float | None = None
+    finished_at: float | None = None
+    activation: dict[str, Any] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class JobStore(Protocol):
+    """What the server and the workers need from a job queue (see the module docstring)."""
+
+    def exists(self) -> bool:
+        """Whether the queue has been created (readers do not create it)."""
+
+    def submit(
+        self, job_id: str, options: dict[str, Any], config: dict[str, Any], footage: list[dict[str, Any]]
+    ) -> Job: ...
+
+    def get(self, job_id: str) -> Job | None: ...
+
+    def list(self, state: str | None = None, limit: int = 100) -> list[Job]:
+        """Newest first."""
+
+    def counts(self) -> dict[str, int]: ...
+
+    def reap(self, max_attempts: int) -> list[Job]:
+        """Resolve expired leases; returns the jobs this call moved to a terminal state."""
+
+    def claim(self, worker_id: str, lease_s: float, max_attempts: int) -> tuple[Job | None, list[Job]]:
+        """(the oldest queued job, now running under this worker's lease, or None; jobs reaped)."""
+
+    def heartbeat(self, job_id: str, worker_id: str, attempt: int, lease_s: float) -> LeaseStatus: ...
+
+    def record_progress(
+        self, job_id: str, worker_id: str, attempt: int, lease_s: float,
+        progress: dict[str, Any], history: list[dict[str, Any]],
+    ) -> LeaseStatus: ...
+
+    def finish(
+        self, job_id: str, worker_id: str, attempt: int, state: str,
+        version: str | None = None, error: str | None = None,
+    ) -> bool:
+        """Record the outcome; False (and no change) when the worker no longer holds the job."""
+
+    def release(self, job_id: str, worker_id: str, attempt: int, reason: str) -> bool:
+        """Hand a running job back to the queue (worker shutting down); the attempt is not counted."""
+
+    def request_cancel(self, job_id: str) -> Job:
+        """queued -> cancelled at once; running -> cancel_requested (its worker stops it)."""
+
+    def pending_activation(self) -> list[Job]:
+        """Succeeded jobs whose version the activation policy has not yet decided on, oldest first."""
+
+    def set_activation(self, job_id: str, decision: dict[str, Any]) -> bool: ...
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(finite_json(value), separators=(",", ":"), allow_nan=False)
+
+
+def finite_json(value: Any) -> Any:
+    """NaN/inf (e.g. an undefined AUC) become null, so every stored document is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS training_jobs (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    options TEXT NOT NULL,
+    config TEXT NOT NULL,
+    footage TEXT NOT NULL,
+    progress TEXT,
+    history TEXT NOT NULL DEFAULT '[]',
+    events TEXT NOT NULL DEFAULT '[]',
+    version TEXT,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker_id TEXT,
+    lease_expires_at REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    activation TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS training_jobs_state ON training_jobs (state, created_at);
+"""
+
+COLUMNS = (
+    "id, state, options, config, footage, progress, history, events, version, error, attempts, worker_id, "
+    "lease_expires_at, cancel_requested, activation, created_at, updated_at, started_at, finished_at"
+)
+
+
+def _row_to_job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"], state=row["state"], options=json.loads(row["options"]), config=json.loads(row["config"]),
+        footage=json.loads(row["footage"]), created_at=row["created_at"], updated_at=row["updated_at"],
+        progress=json.loads(row["progress"]) if row["progress"] else None,
+        history=json.loads(row["history"]), events=json.loads(row["events"]), version=row["version"],
+        error=row["error"], attempts=row["attempts"], worker_id=row["worker_id"],
+        lease_expires_at=row["lease_expires_at"], cancel_requested=bool(row["cancel_requested"]),
+        started_at=row["started_at"], finished_at=row["finished_at"],
+        activation=json.loads(row["activation"]) if row["activation"] else None,
+    )
+
+
+class SqliteJobStore:
+    """The embedded queue: one SQLite file, a fresh connection per operation (thread- and
+    process-safe; the worker's heartbeat thread and its training thread each use their own)."""
+
+    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
+        self._initialised = False
+
+    @classmethod
+    def in_data_dir(cls, data_dir: str | Path) -> "SqliteJobStore":
+        return cls(Path(data_dir) / DB_FILE)
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def _open(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
+        connection.row_factory = sqlite3.Row
+        connection.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+        return connection
+
+    def _initialise(self) -> None:
+        if self._initialised:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        connection = self._open()
+        try:
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("BEGIN IMMEDIATE")
+            for statement in SCHEMA.strip().split(";"):
+                if statement.strip():
+                    connection.execute(statement)
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            connection.execute("COMMIT")
+        finally:
+            connection.close()
+        self._initialised = True
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection | None]:
+        """A connection for reading, or None while the queue does not exist yet (nothing is created)."""
+        if not self._initialised and not self.exists():
+            yield None
+            return
+        self._initialise()
+        connection = self._open()
+        try:
+            yield connection
+        finally:
+            connection.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A connection inside BEGIN IMMEDIATE (the write lock is taken before anything is read)."""
+        self._initialise()
+        connection = self._open()
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+        finally:
+            connection.close()
+
+    @staticmethod
+    def _fetch(connection: sqlite3.Connection, job_id: str) -> Job | None:
+        row = connection.execute(f"SELECT {COLUMNS} FROM training_jobs WHERE id = ?", (job_id,)).fetchone()
+        return _row_to_job(row) if row else None
+
+    @staticmethod
+    def _event(job: Job, now: float, event: str, **details: Any) -> str:
+        events = job.events + [{"at": round(now, 3), "event": event, **details}]
+        return _dumps(events[-MAX_EVENTS:])
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        with self._read() as connection:
+            return None if connection is None else self._fetch(connection, job_id)
+
+    def list(self, state: str | None = None, limit: int = 100) -> list[Job]:
+        with self._read() as connection:
+            if connection is None:
+                return []
+            if state is None:
+                rows = connection.execute(
+                    f"SELECT {COLUMNS} FROM training_jobs ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,)
+                )
+            else:
+                rows = connection.execute(
+                    f"SELECT {COLUMNS} FROM training_jobs WHERE state = ? ORDER BY created_at DESC, rowid DESC "
+                    "LIMIT ?", (state, limit),
+                )
+            return [_row_to_job(row) for row in rows]
+
+    def counts(self) -> dict[str, int]:
+        found = {state: 0 for state in STATES}
+        with self._read() as connection:
+            if connection is not None:
+                for row in connection.execute("SELECT state, COUNT(*) AS n FROM training_jobs GROUP BY state"):
+                    found[row["state"]] = row["n"]
+        return found
+
+    def pending_activation(self) -> list[Job]:
+        with self._read() as connection:
+            if connection is None:
+                return []
+            rows = connection.execute(
+                f"SELECT {COLUMNS} FROM training_jobs WHERE state = 'succeeded' AND activation IS NULL "
+                "ORDER BY finished_at, rowid"
+            )
+            return [_row_to_job(row) for row in rows]
+
+    # -- the server's writes ---------------------------------------------------------------------
+
+    def submit(
+        self, job_id: str, options: dict[str, Any], config: dict[str, Any], footage: list[dict[str, Any]]
+    ) -> Job:
+        now = time.time()
+        with self._write() as connection:
+            connection.execute(
+                "INSERT INTO training_jobs (id, state, options, config, footage, events, created_at, updated_at) "
+                "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
+                (job_id, _dumps(options), _dumps(config), _dumps(footage),
+                 _dumps([{"at": round(now, 3), "event": "queued"}]), now, now),
+            )
+            job = self._fetch(connection, job_id)
+        assert job is not None
+        return job
+
+    def request_cancel(self, job_id: str) -> Job:
+        now = time.time()
+        with self._write() as connection:
+            job = self._fetch(connection, job_id)
+            if job is None:
+                raise JobNotFoundError(job_id)
+            if job.finished:
+                raise JobFinishedError(job)
+            if job.state == "queued":
+                connection.execute(
+                    "UPDATE training_jobs SET state = 'cancelled', cancel_requested = 1, error = ?, events = ?, "
+                    "updated_at = ?, finished_at = ? WHERE id = ?",
+                    ("cancelled before it started", self._event(job, now, "cancelled"), now, now, job_id),
+                )
+            elif not job.cancel_requested:
+                connection.execute(
+                    "UPDATE training_jobs SET cancel_requested = 1, events = ?, updated_at = ? WHERE id = ?",
+                    (self._event(job, now, "cancel_requested"), now, job_id),
+                )
+            updated = self._fetch(connection, job_id)
+        assert updated is not None
+        return updated
+
+    def set_activation(self, job_id: str, decision: dict[str, Any]) -> bool:
+        now = time.time()
+        with self._write() as connection:
+            cursor = connection.execute(
+                "UPDATE training_jobs SET activation = ?, updated_at = ? WHERE id = ? AND activation IS NULL",
+                (_dumps({**decision, "at": round(now, 3)}), now, job_id),
+            )
+            return cursor.rowcount == 1
+
+    # -- leases ----------------------------------------------------------------------------------
+
+    def _reap(self, connection: sqlite3.Connection, max_attempts: int, now: float) -> list[Job]:
+        finished = []
+        rows = connection.execute(
+            f"SELECT {COLUMNS} FROM training_jobs WHERE state = 'running' AND lease_expires_at < ?", (now,)
+        ).fetchall()
+        for row in rows:
+            job = _row_to_job(row)
+            lost = {"attempt": job.attempts, "worker": job.worker_id}
+            if job.cancel_requested:
+                state, error = "cancelled", "cancelled (its worker stopped before acknowledging the cancel)"
+            elif job.attempts >= max_attempts:
+                state = "failed"
+                error = (f"gave up after {job.attempts} attempt(s): each time the worker's lease expired "
+                         f"(worker killed or stalled); VAD_JOB_MAX_ATTEMPTS={max_attempts}")
+            else:
+                connection.execute(
+                    "UPDATE training_jobs SET state = 'queued', worker_id = NULL, lease_expires_at = NULL, "
+                    "events = ?, updated_at = ? WHERE id = ?",
+                    (self._event(job, now, "lease_expired", **lost), now, job.id),
+                )
+                continue
+            connection.execute(
+                "UPDATE training_jobs SET state = ?, error = ?, worker_id = NULL, lease_expires_at = NULL, "
+                "events = ?, updated_at = ?, finished_at = ? WHERE id = ?",
+                (state, error, self._event(job, now, "lease_expired", **lost), now, now, job.id),
+            )
+            finished.append(self._fetch(connection, job.id))
+        return [job for job in finished if job is not None]
+
+    def reap(self, max_attempts: int) -> list[Job]:
+        now = time.time()
+        with self._read() as connection:  # a cheap read first: the write lock only when there is work
+            if connection is None or connection.execute(
+                "SELECT 1 FROM training_jobs WHERE state = 'running' AND lease_expires_at < ? LIMIT 1", (now,)
+            ).fetchone() is None:
+                return []
+        with self._write() as connection:
+            return self._reap(connection, max_attempts, time.time())
+
+    def claim(self, worker_id: str, lease_s: float, max_attempts: int) -> tuple[Job | None, list[Job]]:
+        now = time.time()
+        with self._write() as connection:
+            reaped = self._reap(connection, max_attempts, now)
+            row = connection.execute(
+                "SELECT id FROM training_jobs WHERE state = 'queued' ORDER BY created_at, rowid LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None, reaped
+            job = self._fetch(connection, row["id"])
+            assert job is not None
+            cursor = connection.execute(
+                "UPDATE training_jobs SET state = 'running', worker_id = ?, attempts = attempts + 1, "
+                "lease_expires_at = ?, started_at = COALESCE(started_at, ?), events = ?, updated_at = ? "
+                "WHERE id = ? AND state = 'queued'",
+                (worker_id, now + lease_s, now,
+                 self._event(job, now, "claimed", attempt=job.attempts + 1, worker=worker_id), now, job.id),
+            )
+            if cursor.rowcount != 1:  # cannot happen under the write lock; kept as the guard it is
+                return None, reaped
+            return self._fetch(connection, job.id), reaped
+
+    def _owned(self, connection: sqlite3.Connection, job_id: str, worker_id: str, attempt: int) -> Job | None:
+        job = self._fetch(connection, job_id)
+        if job is None or job.state != "running" or job.worker_id != worker_id or job.attempts != attempt:
+            return None
+        return job
+
+    def heartbeat(self, job_id: str, worker_id: str, attempt: int, lease_s: float) -> LeaseStatus:
+        now = time.time()
+        with self._write() as connection:
+            job = self._owned(connection, job_id, worker_id, attempt)
+            if job is None:
+                return "lost"
+            connection.execute("UPDATE training_jobs SET lease_expires_at = ? WHERE id = ?", (now + lease_s, job_id))
+            return "cancel" if job.cancel_requested else "ok"
+
+    def record_progress(
+        self, job_id: str, worker_id: str, attempt: int, lease_s: float,
+        progress: dict[str, Any], history: list[dict[str, Any]],
+    ) -> LeaseStatus:
+        now = time.time()
+        with self._write() as connection:
+            job = self._owned(connection, job_id, worker_id, attempt)
+            if job is None:
+                return "lost"
+            connection.execute(
+                "UPDATE training_jobs SET progress = ?, history = ?, lease_expires_at = ?, updated_at = ? "
+                "WHERE id = ?",
+                (_dumps(progress), _dumps(history), now + lease_s, now, job_id),
+            )
+            return "cancel" if job.cancel_requested else "ok"
+
+    def finish(
+        self, job_id: str, worker_id: str, attempt: int, state: str,
+        version: str | None = None, error: str | None = None,
+    ) -> bool:
+        if state not in TERMINAL_STATES:
+            raise ValueError(f"not a final state: {state!r}")
+        now = time.time()
+        with self._write() as connection:
+            job = self._owned(connection, job_id, worker_id, attempt)
+            if job is None:
+                return False
+            connection.execute(
+                "UPDATE training_jobs SET state = ?, version = ?, error = ?, worker_id = NULL, "
+                "lease_expires_at = NULL, events = ?, updated_at = ?, finished_at = ? WHERE id = ?",
+                (state, version, error, self._event(job, now, state, attempt=attempt, worker=worker_id),
+                 now, now, job_id),
+            )
+            return True
+
+    def release(self, job_id: str, worker_id: str, attempt: int, reason: str) -> bool:
+        now = time.time()
+        with self._write() as connection:
+            job = self._owned(connection, job_id, worker_id, attempt)
+            if job is None:
+                return False
+            connection.execute(
+                "UPDATE training_jobs SET state = 'queued', worker_id = NULL, lease_expires_at = NULL, "
+                "attempts = attempts - 1, events = ?, updated_at = ? WHERE id = ?",
+                (self._event(job, now, "released", attempt=attempt, worker=worker_id, reason=reason), now, job_id),
+            )
+            return True
