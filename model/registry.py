@@ -33,6 +33,7 @@ MANIFEST_FILE = "manifest.json"
 ACTIVE_FILE = "ACTIVE"
 MANIFEST_FORMAT = 1
 VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
+MAX_VERSION_CHARS = 32  # a longer name is no version (and would overflow a file name)
 BUNDLED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
 
@@ -55,7 +56,7 @@ class LoadedVersion:
 
 
 def validate_version_name(version: str) -> str:
-    if not VERSION_PATTERN.match(version):
+    if len(version) > MAX_VERSION_CHARS or not VERSION_PATTERN.match(version):
         raise VersionNotFound(f"{version!r} is not a version name (expected vNNNN, e.g. v0001)")
     return version
 

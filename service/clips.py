@@ -26,6 +26,13 @@ from service.uploads import SavedUpload, receive_file
 from service.video import VideoLimits, VideoSource, sniff_video
 
 
+def damage_report(source: VideoSource) -> dict[str, object]:
+    """A clip whose container declares more frames than decoded (damaged or truncated data) is
+    still scored as far as it decodes; the summary says so."""
+    errors = source.decode_errors
+    return {"damaged": errors > 0, "decode_errors": errors}
+
+
 async def _open_upload(upload: SavedUpload, container: str, suffix: str, limits: VideoLimits) -> VideoSource:
     """Open the saved upload with OpenCV (in a thread); the temp file is gone afterwards either way."""
     path = upload.path.with_suffix(suffix)  # FFmpeg probes by content, the suffix only breaks ties
@@ -51,7 +58,7 @@ async def _ndjson(
         return
     summary = clip_summary(model.version, model.threshold, source.fps, done, False, timings.as_dict(source, scorer))
     del summary["frames"]
-    yield ndjson_line({"type": "summary", **summary})
+    yield ndjson_line({"type": "summary", **summary, **damage_report(source)})
 
 
 async def clip_response(
@@ -96,4 +103,4 @@ async def clip_response(
     summary = await asyncio.to_thread(  # maps of thousands of frames: built off the event loop
         clip_summary, model.version, model.threshold, source.fps, frames, include_maps, timings.as_dict(source, scorer)
     )
-    return await json_response(summary)
+    return await json_response({**summary, **damage_report(source)})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,23 +105,36 @@ def smoke_test(scorer: Scorer) -> None:
         raise VersionRejected("the smoke test produced a non-finite score")
 
 
+ABSOLUTE_PATH = re.compile(r"(?<![\w.<>])/(?:[^\s/'\"():,]+/)*[^\s/'\"():,]*")
+
+
+def public_message(message: str, weights_dir: Path) -> str:
+    """A registry or loader message fit for a client: the weights folder is named ``<weights>``
+    and any other absolute server path is reduced to ``<path>/<its last component>``."""
+    for folder in sorted({str(weights_dir), str(Path(weights_dir).resolve())}, key=len, reverse=True):
+        if len(folder) > 1:
+            message = message.replace(folder, "<weights>")
+    return ABSOLUTE_PATH.sub(lambda m: "<path>/" + m.group(0).rstrip("/").rpartition("/")[2], message)
+
+
 def load_serving_model(weights_dir: Path, version: str, device: str) -> ServingModel:
     """Load, verify and smoke-test one version. Blocking (runs in a thread)."""
     try:
         loaded = registry.load_version(weights_dir, version, device)
     except registry.VersionNotFound as exc:
-        raise UnknownVersion(str(exc)) from exc
+        raise UnknownVersion(public_message(str(exc), weights_dir)) from exc
     except registry.RegistryError as exc:
-        raise VersionRejected(str(exc)) from exc
+        raise VersionRejected(public_message(str(exc), weights_dir)) from exc
     except (RuntimeError, ValueError, OSError) as exc:  # e.g. tensors that do not fit the device
-        raise VersionRejected(f"{version}: could not be loaded ({exc})") from exc
+        raise VersionRejected(public_message(f"{version}: could not be loaded ({exc})", weights_dir)) from exc
     scorer = scorer_for(loaded, device)
     try:
         smoke_test(scorer)
     except VersionRejected as exc:
         raise VersionRejected(f"{version}: {exc.message}") from exc
     except Exception as exc:
-        raise VersionRejected(f"{version}: the smoke test failed ({type(exc).__name__}: {exc})") from exc
+        raise VersionRejected(public_message(
+            f"{version}: the smoke test failed ({type(exc).__name__}: {exc})", weights_dir)) from exc
     return ServingModel(version, loaded.manifest, scorer, device)
 
 
@@ -204,7 +218,7 @@ class ModelStore:
                 entry["manifest"] = json_safe(registry.read_manifest(self.weights_dir, version))
             except registry.RegistryError as exc:
                 entry["manifest"] = None
-                entry["error"] = str(exc)
+                entry["error"] = public_message(str(exc), self.weights_dir)
             entries.append(entry)
         return entries
 

@@ -42,6 +42,8 @@ class ClipResponse(BaseModel):
     anomalous_frames: list[int]
     frames: list[FrameOut]
     timings: dict[str, float]
+    damaged: bool = Field(False, description="The container declares frames that did not decode (damaged or truncated).")
+    decode_errors: int = Field(0, description="How many declared frames did not decode; the others were scored.")
 
 
 class VersionEntry(BaseModel):

@@ -13,6 +13,7 @@ worker threads.
 
 from __future__ import annotations
 
+import math
 import struct
 import threading
 import time
@@ -28,6 +29,8 @@ SNIFF_BYTES = 512
 # A declared frame count may be an estimate (duration x fps); only refuse up front when it exceeds the
 # limit by more than this share. The exact count is enforced while decoding.
 DECLARED_FRAMES_SLACK = 0.05
+# Containers whose declared frame count is read from an index (exact): any shortfall is damage.
+EXACT_COUNT_CONTAINERS = frozenset({"avi", "mp4", "mov"})
 JPEG_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -125,6 +128,14 @@ def decode_image(data: bytes, max_pixels: int, min_side: int) -> np.ndarray:
     return np.ascontiguousarray(image, dtype=np.uint8)
 
 
+def _count(value: float) -> int:
+    """A capture property as a count: NaN, infinite, negative (unknown) and absurd values are 0 or
+    saturate, never an exception."""
+    if not math.isfinite(value) or value <= 0:
+        return 0
+    return int(min(value, 2**62))
+
+
 @dataclass(frozen=True)
 class VideoLimits:
     max_pixels: int
@@ -136,8 +147,11 @@ class VideoSource:
     """An opened video, read in chunks of frames. Thread-safe: read and close take one lock, so a
     close never releases the capture under a read still running in another thread."""
 
-    def __init__(self, capture: cv2.VideoCapture, fps: float, limits: VideoLimits, container: str) -> None:
+    def __init__(
+        self, capture: cv2.VideoCapture, fps: float, limits: VideoLimits, container: str, declared_frames: int = 0
+    ) -> None:
         self._capture = capture
+        self.declared_frames = declared_frames  # the container header's frame count (0: none)
         self._lock = threading.Lock()
         self._closed = False
         self.fps = fps
@@ -158,19 +172,19 @@ class VideoSource:
         try:
             if not capture.isOpened():
                 raise Undecodable(f"the {container} file could not be opened (corrupt or unsupported codec)")
-            width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH) or 0)
-            height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+            width = _count(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+            height = _count(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
             if width > 0 and height > 0:
                 check_frame_size(width, height, limits.max_pixels, limits.min_side)
-            declared = capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0
+            declared = _count(capture.get(cv2.CAP_PROP_FRAME_COUNT))
             if declared > limits.max_frames * (1 + DECLARED_FRAMES_SLACK) + 1:
-                raise LimitExceeded(f"the video declares {int(declared)} frames, over the limit of {limits.max_frames}")
+                raise LimitExceeded(f"the video declares {declared} frames, over the limit of {limits.max_frames}")
             fps = capture.get(cv2.CAP_PROP_FPS) or 0.0
         except BaseException:
             capture.release()
             raise
         # The same fallback as model.data.read_footage, so `vad detect` and the server agree.
-        return cls(capture, fps if 0 < fps < 1000 else 10.0, limits, container)
+        return cls(capture, fps if 0 < fps < 1000 else 10.0, limits, container, declared)
 
     def read(self, count: int) -> np.ndarray | None:
         """Up to ``count`` more frames as (t, H, W) uint8, or None at the end. Blocking."""
@@ -204,6 +218,18 @@ class VideoSource:
             if self.frames_read + len(frames) >= self.limits.max_frames:
                 raise LimitExceeded(f"the video has more than {self.limits.max_frames} frames")
             frames.append(gray)
+
+    @property
+    def decode_errors(self) -> int:
+        """Frames the container declares that did not decode (damaged or truncated data; FFmpeg skips
+        or stops at what it cannot decode). Counts that are estimates (duration x fps, containers
+        other than AVI/MP4/MOV) only count when short by more than DECLARED_FRAMES_SLACK."""
+        missing = self.declared_frames - self.frames_read
+        if missing <= 0 or self.frames_read >= self.limits.max_frames:
+            return 0
+        if self.container not in EXACT_COUNT_CONTAINERS and missing <= self.declared_frames * DECLARED_FRAMES_SLACK + 1:
+            return 0
+        return missing
 
     def close(self) -> None:
         with self._lock:

@@ -32,6 +32,7 @@ from model import registry
 from model.data import FootageError
 from model.train import TrainingCancelled, train
 from service.job_store import Job, JobStore, finite_json
+from service.model_store import public_message
 from service.settings import Settings
 from service.training import (
     checkpoint_dir, configs_of, open_job_store, remove_job_files, resolve_footage_path, upload_dir,
@@ -184,7 +185,8 @@ class Worker:
         for folder in {str(Path(self.settings.data_dir).resolve()), str(self.settings.data_dir)}:
             if len(folder) > 1:
                 message = message.replace(folder, "<data dir>")
-        return message
+        # e.g. a publish that failed (disk full, read-only folder): no server path in the job's error
+        return public_message(message, Path(self.settings.weights_dir))
 
     def _published_version(self, job: Job) -> str | None:
         """The version an earlier attempt of ``job`` published (its manifest names the job), if any."""

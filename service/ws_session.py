@@ -14,8 +14,9 @@ Three tasks per connection:
 
 Protocol errors close the connection: a text message that is not JSON -> 1007, a binary message that
 is not a PNG/JPEG image -> 1003, a message over VAD_WS_MAX_MESSAGE_BYTES -> 1009, no model loaded at
-connect -> 1013. A frame that fails to decode or is over the limits gets an error reply and the
-stream continues; so does a control message that is JSON but not a valid options object.
+connect -> 1013. Frames received before the offending message still get their replies (within
+CLOSE_FLUSH_S) before the close. A frame that fails to decode or is over the limits gets an error
+reply and the stream continues; so does a control message that is JSON but not a valid options object.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
 REPLY_QUEUE_FACTOR = 4  # replies (resolved or not) a client may be behind before reading pauses
+CLOSE_FLUSH_S = 5.0  # longest a protocol-error close waits for the replies owed before it
 
 
 @dataclass
@@ -86,7 +88,7 @@ class StreamSession:
         self.max_message = settings.ws_max_message_bytes
         self.backlog: deque[_Frame] = deque()
         self.backlog_changed = asyncio.Event()
-        self.replies: asyncio.Queue[asyncio.Future[dict[str, Any]]] = asyncio.Queue(
+        self.replies: asyncio.Queue[asyncio.Future[dict[str, Any]] | None] = asyncio.Queue(
             REPLY_QUEUE_FACTOR * self.max_pending
         )
         self.next_seq = 0
@@ -105,6 +107,8 @@ class StreamSession:
         tasks = (receiver, worker, sender)
         try:
             await asyncio.wait([receiver, sender], return_when=asyncio.FIRST_COMPLETED)
+            if receiver.done() and not receiver.cancelled() and isinstance(receiver.exception(), _Close):
+                await self._flush(sender)
         finally:
             gauge.dec()
             for task in tasks:
@@ -123,6 +127,21 @@ class StreamSession:
             await self.ws.close(failure.code, failure.reason)
         except (RuntimeError, WebSocketDisconnect, OSError):
             pass  # the client is already gone
+
+    async def _flush(self, sender: asyncio.Task[None]) -> None:
+        """Before a protocol-error close: send the replies owed for the frames received before the
+        offending message (at most the backlog is still scored), within CLOSE_FLUSH_S."""
+        if sender.done():
+            return
+
+        async def drain() -> None:
+            await self.replies.put(None)  # the sender stops at this marker
+            await asyncio.wait([sender])
+
+        try:
+            await asyncio.wait_for(drain(), CLOSE_FLUSH_S)
+        except asyncio.TimeoutError:
+            pass
 
     # --- receiver --------------------------------------------------------------------------------
 
@@ -242,5 +261,7 @@ class StreamSession:
     async def _send(self) -> None:
         while True:
             future = await self.replies.get()
+            if future is None:  # _flush: every owed reply is sent
+                return
             reply = await future
             await self.ws.send_text(dumps(reply).decode())

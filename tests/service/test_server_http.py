@@ -143,8 +143,10 @@ def test_clip_json(client, clip_file: Path) -> None:
     response = post_file(client, "/v1/clips", clip_file.read_bytes(), name="../../etc/passwd")
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"model_version", "threshold", "fps", "frame_count", "anomalous_frames", "frames", "timings"}
+    assert set(body) == {"model_version", "threshold", "fps", "frame_count", "anomalous_frames", "frames", "timings",
+                         "damaged", "decode_errors"}
     assert body["model_version"] == "v0001" and body["frame_count"] == 20 and body["fps"] == 10.0
+    assert body["damaged"] is False and body["decode_errors"] == 0
     assert [f["index"] for f in body["frames"]] == list(range(20))
     assert all(set(f) == FRAME_KEYS for f in body["frames"])
     assert body["anomalous_frames"] == [f["index"] for f in body["frames"] if f["anomalous"]]

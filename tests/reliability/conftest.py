@@ -1,0 +1,174 @@
+"""Reliability fixtures: one tiny trained registry per session (v0001 active, v0002 a distinct
+version), and per test a private copy, TestClient and live uvicorn factories, and `vad serve`
+subprocesses (for resident-memory figures and restarts)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import uvicorn
+from fastapi.testclient import TestClient
+
+from model import registry
+from model.config import ModelConfig, TrainConfig
+from service.app import create_app
+from service.server import uvicorn_config
+from service.settings import Settings
+from tests.reliability.helpers import ServerProcess, frames, write_video
+
+TINY_MODEL = ModelConfig(
+    input_mode="appearance+motion", patch_size=16, stride=16, latent_dim=8,
+    refiner_channels=(4, 8, 8), detector_channels=(4, 8, 8),
+)
+TINY_TRAINING = dict(patches_per_epoch=256, batch_size=32, max_epochs=1, holdout_patches=64,
+                     detector_polish_epochs=0, patience=1000)
+
+
+@pytest.fixture(scope="session")
+def reliability_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """v0001 (trained on synthetic footage, ACTIVE) and v0002 (its detector bias shifted)."""
+    from model.train import train
+
+    root = tmp_path_factory.mktemp("reliability")
+    clip = write_video(root / "normal.avi", frames(24, seed=11), "MJPG")
+    weights = root / "weights"
+    result = train([clip], weights, TINY_MODEL, TrainConfig(**TINY_TRAINING), device="cpu", show_progress_bar=False)
+    assert result.version == "v0001"
+    loaded = registry.load_version(weights, "v0001")
+    with torch.no_grad():
+        loaded.detector.head.bias += 3.0
+    inherited = {k: v for k, v in loaded.manifest.items()
+                 if k not in ("format", "created_at", "package_version", "weights_sha256", "version")}
+    assert registry.publish(weights, loaded.refiner, loaded.detector, {**inherited, "parent_version": "v0001"}) == "v0002"
+    registry.set_active_version(weights, "v0001")
+    return weights
+
+
+@pytest.fixture
+def weights_dir(reliability_weights: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(reliability_weights, tmp_path / "weights"))
+
+
+@pytest.fixture(autouse=True)
+def _no_vad_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("VAD_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def base_values(weights_dir: Path, tmp_path: Path) -> dict[str, Any]:
+    """Settings shared by a test's server(s) and workers."""
+    return {
+        "weights_dir": str(weights_dir), "data_dir": str(tmp_path / "data"), "device": "cpu",
+        "max_queue_delay_ms": 2.0, "training_model_config": TINY_MODEL.to_dict(), "training_config": TINY_TRAINING,
+        "job_lease_s": 3.0, "job_heartbeat_s": 0.5, "job_poll_interval_s": 0.25,
+    }
+
+
+@pytest.fixture
+def make_settings(base_values: dict[str, Any]) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        return Settings(**{**base_values, **overrides})
+
+    return make
+
+
+@pytest.fixture
+def make_client(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., TestClient]]:
+    clients: list[TestClient] = []
+
+    def make(**overrides: Any) -> TestClient:
+        client = TestClient(create_app(make_settings(**overrides)), raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client()
+
+
+class LiveServer:
+    """create_app(settings) under uvicorn in a thread on a free loopback port; ``wrap`` may put an
+    ASGI wrapper (e.g. a byte counter) around the app."""
+
+    def __init__(self, settings: Settings, wrap: Callable[[Any], Any] | None = None) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(("127.0.0.1", 0))
+        self.port = self._socket.getsockname()[1]
+        served = wrap(self.app) if wrap else self.app
+        self.server = uvicorn.Server(uvicorn_config(served, settings, "127.0.0.1", self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def services(self) -> Any:
+        return self.app.state.services
+
+    def start(self) -> "LiveServer":
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=15)
+        self._socket.close()
+
+
+@pytest.fixture
+def live_server(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., LiveServer]]:
+    servers: list[LiveServer] = []
+
+    def start(wrap: Callable[[Any], Any] | None = None, **overrides: Any) -> LiveServer:
+        server = LiveServer(make_settings(**overrides), wrap).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server_process(base_values: dict[str, Any], tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """server_process(port=None, **settings) -> a started `vad serve` subprocess; all stopped at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(port: int | None = None, **overrides: Any) -> ServerProcess:
+        server = ServerProcess({**base_values, **overrides}, tmp_path / f"server{len(started) + 1}.log", port)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()

@@ -1,0 +1,256 @@
+"""Helpers for the reliability suite: synthetic media (PNG/JPEG, MJPG AVI, mp4v MP4), checks that an
+error reply is clean (JSON error shape, no stack trace, no server path), a `vad serve` subprocess whose
+resident memory can be read from /proc, and a bare WebSocket client that can vanish mid-frame."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import cv2
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+HEIGHT, WIDTH, PATCH = 64, 96, 16
+# Never in a response body: stack traces and server paths.
+LEAK_MARKERS = ("Traceback", "/work", "/tmp", 'File "', "site-packages")
+
+
+def frames(count: int, seed: int = 0) -> np.ndarray:
+    """(count, 64, 96) uint8: a bright square moving right on a noisy background."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(60, 100, (HEIGHT, WIDTH)).astype(np.int16)
+    out = []
+    for t in range(count):
+        frame = base + rng.integers(-6, 7, (HEIGHT, WIDTH))
+        x = (4 + 3 * t) % (WIDTH - 16)
+        frame[24:36, x : x + 12] = 220
+        out.append(np.clip(frame, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def png(frame: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".png", frame)
+    assert ok
+    return data.tobytes()
+
+
+def jpeg(frame: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return data.tobytes()
+
+
+def png_declaring(width: int, height: int, body: bytes = b"") -> bytes:
+    """A PNG signature + a valid IHDR declaring ``width`` x ``height``, then ``body``."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk + body
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A complete, valid grayscale PNG of ``width`` x ``height`` zeros: kilobytes on the wire,
+    width x height bytes once decoded."""
+    raw = zlib.compress(b"\x00" * (width + 1) * min(height, 64), 9)  # a few rows are enough to be valid
+    idat = struct.pack(">I", len(raw)) + b"IDAT" + raw + struct.pack(">I", zlib.crc32(b"IDAT" + raw))
+    iend = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    return png_declaring(width, height, idat + iend)
+
+
+def write_video(path: Path, clip: np.ndarray, fourcc: str, fps: float = 10.0) -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (clip.shape[2], clip.shape[1]), False)
+    assert writer.isOpened(), fourcc
+    for frame in clip:
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def mp4_bytes(tmp: Path, count: int = 40, seed: int = 1) -> bytes:
+    return write_video(tmp / f"clip-{seed}-{count}.mp4", frames(count, seed), "mp4v").read_bytes()
+
+
+def avi_bytes(tmp: Path, count: int = 40, seed: int = 1) -> bytes:
+    return write_video(tmp / f"clip-{seed}-{count}.avi", frames(count, seed), "MJPG").read_bytes()
+
+
+def corrupt_middle(data: bytes, seed: int = 0) -> bytes:
+    """The file with its middle sixth (from a third in) overwritten by random bytes."""
+    n = len(data)
+    start, length = n // 3, n // 6
+    noise = np.random.default_rng(seed).integers(0, 256, length, dtype=np.uint8).tobytes()
+    return data[:start] + noise + data[start + length :]
+
+
+def assert_clean_error(response: httpx.Response, status: int | tuple[int, ...], code: str | None = None) -> dict:
+    """A JSON error reply with the expected status (and code), no stack trace, no server path."""
+    statuses = (status,) if isinstance(status, int) else status
+    assert response.status_code in statuses, (response.status_code, response.text[:500])
+    assert_no_leak(response.text)
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    return body
+
+
+def assert_no_leak(text: str) -> None:
+    for marker in LEAK_MARKERS:
+        assert marker not in text, f"{marker!r} in a response: {text[:500]}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def settings_env(values: dict[str, Any]) -> dict[str, str]:
+    import json
+
+    env = {}
+    for name, value in values.items():
+        if isinstance(value, (dict, list)):
+            text = json.dumps(value)
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        else:
+            text = str(value)
+        env[f"VAD_{name.upper()}"] = text
+    return env
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process (VmRSS, KiB), from /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+class ServerProcess:
+    """`python -m service.cli serve` in its own process (its memory measurable apart from the tests')."""
+
+    def __init__(self, values: dict[str, Any], log_path: Path, port: int | None = None) -> None:
+        self.values = values
+        self.log_path = log_path
+        self.port = port or free_port()
+        self.process: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, timeout: float = 90) -> "ServerProcess":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VAD_")}
+        env.update(settings_env({"log_level": "warning", **self.values}))
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the server exited ({self.process.returncode}): {self.log()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the server was not ready after {timeout} s: {self.log()[-3000:]}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def rss_kib(self) -> int:
+        return rss_kib(self.pid)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.process.returncode
+
+
+class RawWebSocket:
+    """A WebSocket client on a bare socket: the handshake, masked frames, and the freedom to send a
+    frame header and half its payload, then vanish."""
+
+    def __init__(self, port: int, path: str = "/v1/stream") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        response = b""
+        while b"\r\n\r\n" not in response:
+            chunk = self.sock.recv(4096)
+            assert chunk, "the server closed during the handshake"
+            response += chunk
+        assert response.startswith(b"HTTP/1.1 101"), response
+
+    @staticmethod
+    def frame_header(length: int, opcode: int = 0x2, fin: bool = True) -> bytes:
+        first = (0x80 if fin else 0) | opcode
+        if length < 126:
+            return bytes([first, 0x80 | length])
+        if length < 1 << 16:
+            return bytes([first, 0x80 | 126]) + struct.pack(">H", length)
+        return bytes([first, 0x80 | 127]) + struct.pack(">Q", length)
+
+    def send_frame(self, payload: bytes, opcode: int = 0x2) -> None:
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) if len(payload) < 4096 else (
+            (np.frombuffer(payload, np.uint8) ^ np.resize(np.frombuffer(mask, np.uint8), len(payload))).tobytes()
+        )
+        self.sock.sendall(self.frame_header(len(payload), opcode) + mask + masked)
+
+    def send_partial(self, declared: int, payload: bytes) -> None:
+        """A binary frame header declaring ``declared`` bytes, then only ``payload``."""
+        self.sock.sendall(self.frame_header(declared) + os.urandom(4) + payload)
+
+    def vanish(self) -> None:
+        """Drop the connection without a close frame (RST where the kernel can)."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+
+def metric_value(metrics: Any, name: str, **labels: str) -> float:
+    """One sample of an app's Prometheus registry (service.metrics.Metrics), 0 when absent."""
+    value = metrics.registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else value
