@@ -16,8 +16,9 @@ from model.scoring import FrameResult, FrameStream, Scorer
 FRAMES_PER_BATCH = 16
 
 
-def scorer_for(loaded: registry.LoadedVersion, device: str | torch.device = "cpu") -> Scorer:
-    return Scorer(loaded.refiner, loaded.detector, loaded.config, loaded.calibration, device)
+def scorer_for(loaded: registry.LoadedVersion, device: str | torch.device = "cpu", **options: Any) -> Scorer:
+    """A Scorer for a loaded version; ``options``: Scorer keyword arguments (fused, skip, precision, cuda_graphs)."""
+    return Scorer(loaded.refiner, loaded.detector, loaded.config, loaded.calibration, device, **options)
 
 
 def iter_frame_results(scorer: Scorer, gray: np.ndarray, fps: float) -> Iterator[FrameResult]:

@@ -11,6 +11,10 @@ to the networks' [-1, 1] happens per batch in ``to_model_input``.
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import cv2
 import numpy as np
 import torch
@@ -18,18 +22,52 @@ import torch
 from model.config import ModelConfig
 
 
-def _flow_magnitude(previous: np.ndarray, current: np.ndarray) -> np.ndarray:
-    flow = cv2.calcOpticalFlowFarneback(previous, current, None, 0.5, 3, 15, 3, 5, 1.2, 0)
-    return cv2.magnitude(flow[..., 0], flow[..., 1])
+# Farneback settings (pyr_scale, levels, winsize, iterations, poly_n, poly_sigma) and the scale the
+# flow is computed at. "farneback" is what every version is trained with; the others are cheaper
+# variants measured in docs/speed.md (speed, and Ped2 AUC/EER of a model trained on "farneback"):
+# options for a deployment to evaluate, never the default of a version's input.
+FLOW_PRESETS: dict[str, tuple[tuple[float, int, int, int, int, float], float]] = {
+    "farneback": ((0.5, 3, 15, 3, 5, 1.2), 1.0),
+    "farneback-1iter": ((0.5, 3, 15, 1, 5, 1.2), 1.0),
+    "farneback-half": ((0.5, 2, 15, 3, 5, 1.2), 0.5),
+}
+
+
+def _flow_magnitude(previous: np.ndarray, current: np.ndarray, preset: str = "farneback") -> np.ndarray:
+    (pyr_scale, levels, winsize, iterations, poly_n, poly_sigma), scale = FLOW_PRESETS[preset]
+    if scale != 1.0:
+        size = (current.shape[1], current.shape[0])
+        previous = cv2.resize(previous, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        current = cv2.resize(current, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    flow = cv2.calcOpticalFlowFarneback(previous, current, None, pyr_scale, levels, winsize, iterations,
+                                        poly_n, poly_sigma, 0)
+    magnitude = cv2.magnitude(flow[..., 0], flow[..., 1])
+    if scale != 1.0:  # back to full resolution, in full-resolution pixels per frame
+        magnitude = cv2.resize(magnitude, size, interpolation=cv2.INTER_LINEAR) / scale
+    return magnitude
+
+
+_FLOW_POOL: ThreadPoolExecutor | None = None
+_FLOW_POOL_LOCK = threading.Lock()
+
+
+def _flow_pool() -> ThreadPoolExecutor:
+    """Threads computing the flows of a batch's frame pairs side by side (OpenCV releases the GIL;
+    Farneback itself keeps about one core busy)."""
+    global _FLOW_POOL
+    with _FLOW_POOL_LOCK:
+        if _FLOW_POOL is None:
+            _FLOW_POOL = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="vad-flow")
+        return _FLOW_POOL
 
 
 def encode_frames(
-    gray: np.ndarray, config: ModelConfig, previous: np.ndarray | None = None
+    gray: np.ndarray, config: ModelConfig, previous: np.ndarray | None = None, flow: str = "farneback"
 ) -> np.ndarray:
     """(T, H, W) uint8 grayscale -> (T, C, H, W) uint8 channels of ``config.input_mode``.
 
     ``previous`` is the frame before gray[0] (a stream keeps it); without it the first frame is its
-    own predecessor, so its motion channel is empty.
+    own predecessor, so its motion channel is empty. ``flow``: a FLOW_PRESETS name (appearance+flow).
     """
     if gray.ndim != 3 or gray.dtype != np.uint8:
         raise ValueError(f"expected (T, H, W) uint8 frames, got {gray.dtype} {gray.shape}")
@@ -41,7 +79,12 @@ def encode_frames(
             diff = np.abs(gray.astype(np.int16) - before.astype(np.int16)).astype(np.float32)
             motion = diff * config.motion_gain
         else:
-            motion = np.stack([_flow_magnitude(b, g) for b, g in zip(before, gray)])
+            pairs = list(zip(before, gray))
+            if len(pairs) > 1 and (os.cpu_count() or 1) > 1:
+                flows = list(_flow_pool().map(lambda pair: _flow_magnitude(pair[0], pair[1], flow), pairs))
+            else:
+                flows = [_flow_magnitude(b, g, flow) for b, g in pairs]
+            motion = np.stack(flows)
             motion *= 255.0 / config.flow_scale_px
         channels.append(np.clip(motion, 0, 255).astype(np.uint8))
     return np.stack(channels, axis=1)

@@ -123,6 +123,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run_worker(settings, once=args.once)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from service.bench import run_bench
+
+    clips = args.clips.split(",") if args.clips else None
+    result = run_bench(_weights_dir(args.weights), args.version, quick=args.quick,
+                       dataset_root=Path(args.root) if args.root else None, eval_clips=clips,
+                       naive_frames=args.naive_frames, stream_seconds=args.stream_seconds,
+                       service=not args.no_service, ablate=not args.no_ablation)
+    if args.json:
+        _write_json(args.json, result)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.server import serve
 
@@ -182,6 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--weights")
     serve.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="measure roofline, model path, naive loop, server and streams (docs/speed.md)")
+    bench.add_argument("--weights", help="weights folder (default: VAD_WEIGHTS_DIR or the bundled weights/)")
+    bench.add_argument("--version", help="version to measure (default: the active one)")
+    bench.add_argument("--json", help="write every figure here")
+    bench.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, figures not meaningful")
+    bench.add_argument("--root", help="UCSD Ped2 folder (default: VAD_PED2_ROOT or ../shared/datasets/ped2)")
+    bench.add_argument("--clips", help="comma-separated Ped2 test clips for the full path and service (default: all 12)")
+    bench.add_argument("--naive-frames", type=int, help="frames the per-patch loop scores (default 24)")
+    bench.add_argument("--stream-seconds", type=float, help="seconds each WebSocket trial sends (default 10)")
+    bench.add_argument("--no-service", action="store_true", help="skip the server and stream sections")
+    bench.add_argument("--no-ablation", action="store_true", help="skip measuring each optimisation in turn")
+    bench.set_defaults(func=cmd_bench)
 
     worker = sub.add_parser("worker", help="run queued training jobs (POST /v1/training-jobs) until stopped")
     worker.add_argument("--weights", help="weights folder (default: VAD_WEIGHTS_DIR or the bundled weights/)")

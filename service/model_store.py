@@ -25,7 +25,7 @@ import torch
 
 from model import registry
 from model.detect import scorer_for
-from model.scoring import Calibration, FrameStream, Scorer
+from model.scoring import Calibration, FrameStream, Scorer, SkipUnchanged
 from service.errors import NotReady, ServiceError, UnknownVersion, VersionRejected
 from service.metrics import Metrics
 from service.settings import Settings
@@ -117,8 +117,11 @@ def public_message(message: str, weights_dir: Path) -> str:
     return ABSOLUTE_PATH.sub(lambda m: "<path>/" + m.group(0).rstrip("/").rpartition("/")[2], message)
 
 
-def load_serving_model(weights_dir: Path, version: str, device: str) -> ServingModel:
-    """Load, verify and smoke-test one version. Blocking (runs in a thread)."""
+def load_serving_model(
+    weights_dir: Path, version: str, device: str, options: dict[str, Any] | None = None,
+) -> ServingModel:
+    """Load, verify and smoke-test one version. Blocking (runs in a thread). ``options``: Scorer
+    keyword arguments (skip, precision, cuda_graphs, backend)."""
     try:
         loaded = registry.load_version(weights_dir, version, device)
     except registry.VersionNotFound as exc:
@@ -127,7 +130,7 @@ def load_serving_model(weights_dir: Path, version: str, device: str) -> ServingM
         raise VersionRejected(public_message(str(exc), weights_dir)) from exc
     except (RuntimeError, ValueError, OSError) as exc:  # e.g. tensors that do not fit the device
         raise VersionRejected(public_message(f"{version}: could not be loaded ({exc})", weights_dir)) from exc
-    scorer = scorer_for(loaded, device)
+    scorer = scorer_for(loaded, device, **(options or {}))
     try:
         smoke_test(scorer)
     except VersionRejected as exc:
@@ -144,6 +147,12 @@ class ModelStore:
         self.device = resolve_device(settings.device)
         self.follow_latest = settings.follow_latest
         self.follow_interval_s = settings.follow_interval_s
+        self.scorer_options: dict[str, Any] = {
+            "skip": SkipUnchanged(settings.skip_level, settings.skip_share) if settings.skip_unchanged else None,
+            "precision": settings.precision,
+            "cuda_graphs": settings.cuda_graphs,
+            "backend": settings.inference_backend,
+        }
         self.metrics = metrics
         self._current: ServingModel | None = None
         self._lock: asyncio.Lock | None = None  # created in start(), on the serving loop
@@ -193,7 +202,7 @@ class ModelStore:
                     await asyncio.to_thread(registry.set_active_version, self.weights_dir, version)
                 return previous, previous.version
             try:
-                model = await asyncio.to_thread(load_serving_model, self.weights_dir, version, self.device)
+                model = await asyncio.to_thread(load_serving_model, self.weights_dir, version, self.device, self.scorer_options)
             except ServiceError as exc:
                 if isinstance(exc, VersionRejected):
                     self._refused.add(version)

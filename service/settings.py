@@ -31,6 +31,20 @@ class Settings(BaseSettings):
     follow_latest: bool = Field(False, description="Poll the registry and activate the newest published version.")
     follow_interval_s: float = Field(10.0, gt=0, description="Seconds between polls when follow_latest is on.")
 
+    # Inference speed (docs/speed.md)
+    skip_unchanged: bool = Field(
+        True, description="Reuse a patch's scores while its input stays within VAD_SKIP_LEVEL/VAD_SKIP_SHARE of the patch as last scored (static cameras).",
+    )
+    skip_level: int = Field(16, ge=0, le=255, description="Grey levels a pixel value may differ by and still count as unchanged.")
+    skip_share: float = Field(0.01, ge=0, lt=1, description="Share of a patch's values that may change before it is rescored.")
+    precision: Literal["float32", "bf16", "fp16"] = Field(
+        "float32", description="CUDA only: autocast precision of the networks (CPU always float32).",
+    )
+    cuda_graphs: bool = Field(False, description="CUDA only: replay captured CUDA graphs per batch-size bucket.")
+    inference_backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="CPU only: auto (ONNX Runtime when installed, else torch), torch or onnxruntime.",
+    )
+
     # Dynamic batching
     max_batch_patches: int = Field(4096, ge=1, description="Most patches in one forward pass.")
     max_queue_delay_ms: float = Field(5.0, ge=0, description="Longest a batch waits for more work after its first job.")

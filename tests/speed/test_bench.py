@@ -1,0 +1,34 @@
+"""`vad bench --quick`: the JSON it writes has every figure, and the figures are sane (no timings
+are asserted: this machine's speed is not the test's business)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from service.cli import main
+
+
+def test_quick_bench_writes_every_key(trained_weights: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--weights", str(trained_weights), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+
+    def positive(value: object) -> bool:
+        return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+    assert positive(data["roofline_gflops"])
+    model = data["model"]
+    assert positive(model["gflops_per_frame"]) and positive(model["frames_per_s"])
+    assert 0 < model["roofline_fraction"] < 10  # a fraction of the same run's matmul rate
+    assert positive(data["naive"]["frames_per_s"]) and positive(data["naive"]["speedup"])
+    assert positive(data["service"]["frames_per_s"]) and positive(data["service"]["ratio_to_model"])
+    assert [s["k"] for s in data["streams"]] == [1, 2]
+    for stream in data["streams"]:
+        assert set(stream) >= {"k", "fps_per_stream", "p50_ms", "p95_ms", "p99_ms"}
+        assert positive(stream["fps_per_stream"])
+        assert 0 < stream["p50_ms"] <= stream["p95_ms"] <= stream["p99_ms"]
+    assert isinstance(data["max_realtime_streams"], int) and data["max_realtime_streams"] >= 0
+    assert positive(data["peak_rss_mb"])
+    assert data["full"]["frames"] > 0 and 0 < data["full"]["scored_patch_share"] <= 1

@@ -1,0 +1,133 @@
+"""FrameStream's skip of unchanged patches: exact when nothing changes, rescoring what does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.networks import Detector, Refiner
+from model.scoring import Calibration, FrameStream, Scorer, SkipUnchanged
+
+PATCH = 16
+HEIGHT, WIDTH = 48, 64  # 3 x 4 patches
+
+
+def _scorer(input_mode: str = "appearance+motion") -> Scorer:
+    torch.manual_seed(0)
+    config = ModelConfig(input_mode=input_mode, patch_size=PATCH, stride=PATCH, latent_dim=8,
+                         refiner_channels=(4, 8, 8), detector_channels=(4, 8, 8))
+    calibration = Calibration(
+        score_mode="fused", threshold=0.0, reject_band=(-0.1, 0.1), smoothing_frames=1,
+        component_center={"d_r_x": 0.0, "reconstruction": 0.0},
+        component_scale={"d_r_x": 1.0, "reconstruction": 1.0}, map_width=1.0, false_alarm_rate=0.01,
+    )
+    return Scorer(Refiner(config), Detector(config), config, calibration)
+
+
+def _background(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(60, 160, (HEIGHT, WIDTH)).astype(np.uint8)
+
+
+def _run(scorer: Scorer, frames: np.ndarray, skip: SkipUnchanged | None, pieces: list[int]) -> tuple[list, FrameStream]:
+    stream = FrameStream(scorer, skip=skip)
+    results, start = [], 0
+    for size in pieces:
+        results += stream.score(frames[start : start + size])
+        start += size
+    assert start == len(frames)
+    return results, stream
+
+
+def _same(a: list, b: list) -> None:
+    """Equal up to float rounding: a patch scored in a batch of another size may differ in the last bit."""
+    np.testing.assert_allclose([r.score for r in a], [r.score for r in b], rtol=1e-5, atol=1e-6)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x.map, y.map, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("input_mode", ["appearance", "appearance+motion", "appearance+flow"])
+def test_a_static_scene_is_scored_once_and_scores_do_not_change(input_mode: str) -> None:
+    scorer = _scorer(input_mode)
+    frames = np.repeat(_background()[None], 12, axis=0)
+    full, _ = _run(scorer, frames, None, [12])
+    skipped, stream = _run(scorer, frames, SkipUnchanged(), [5, 1, 6])
+    _same(full, skipped)
+    assert stream.patches_seen == 12 * 12
+    # the first frame is scored; with a motion channel the second too (its predecessor is no longer itself)
+    assert stream.patches_scored == 12
+
+
+def test_exact_setting_equals_full_scoring_on_a_changing_clip() -> None:
+    scorer = _scorer()
+    rng = np.random.default_rng(1)
+    frames = np.clip(_background()[None].astype(int) + rng.integers(-3, 4, (10, HEIGHT, WIDTH)), 0, 255).astype(np.uint8)
+    frames[4:6] = frames[3]  # a few bit-identical frames
+    full, _ = _run(scorer, frames, None, [10])
+    exact, stream = _run(scorer, frames, SkipUnchanged(level=0, share=0.0), [3, 3, 4])
+    _same(full, exact)
+    assert stream.patches_scored < stream.patches_seen  # the repeated frame's patches were reused
+
+
+def test_a_changed_patch_is_rescored_and_only_it() -> None:
+    scorer = _scorer()
+    background = _background()
+    frames = np.repeat(background[None], 20, axis=0)
+    frames[10:15, 20:30, 20:30] = 250  # an object inside patch (row 1, col 1) for five frames
+    full, _ = _run(scorer, frames, None, [20])
+    skipped, stream = _run(scorer, frames, SkipUnchanged(level=16, share=0.01), [4, 7, 9])
+    _same(full, skipped)  # every reused patch had bit-identical input: scores are exact
+    # frame 0: all 12; 10: the object appears (+ motion); 11: motion gone; 15: it leaves; 16: motion gone
+    assert stream.patches_scored == 12 + 4
+    index = 1 * 4 + 1
+    changed = [r.map.flatten()[index] for r in skipped]
+    assert changed[10] != changed[9]
+
+
+def test_changes_within_tolerance_reuse_the_last_scores() -> None:
+    scorer = _scorer("appearance")
+    background = _background()
+    frames = np.repeat(background[None], 4, axis=0)
+    frames[2, 0:16, 0:16] = np.clip(background[0:16, 0:16].astype(int) + 5, 0, 255)  # within 16 levels
+    frames[3, 0:16, 0:16] = np.clip(background[0:16, 0:16].astype(int) + 40, 0, 255)  # beyond
+    skipped, stream = _run(scorer, frames, SkipUnchanged(level=16, share=0.01), [4])
+    full, _ = _run(scorer, frames, None, [4])
+    assert skipped[2].map[0, 0] == skipped[1].map[0, 0]  # reused: the very same components
+    assert skipped[2].map[0, 0] != pytest.approx(full[2].map[0, 0], rel=1e-7, abs=0)  # not what scoring frame 2 gives
+    assert skipped[3].map[0, 0] == pytest.approx(full[3].map[0, 0], rel=1e-5)  # rescored
+    assert stream.patches_scored == 12 + 1
+
+
+def test_an_unfinished_batch_or_a_new_frame_size_starts_over() -> None:
+    scorer = _scorer("appearance")
+    frames = np.repeat(_background()[None], 3, axis=0)
+    stream = FrameStream(scorer, skip=SkipUnchanged())
+    stream.score(frames[:1])
+    stream.prepare(frames[1:2])  # its finish never comes (e.g. the forward pass failed)
+    patches, grid, count = stream.prepare(frames[2:3])
+    assert patches.shape[0] == 12  # everything rescored, nothing reused from the lost batch
+    stream.finish(scorer.raw_scores(patches), grid, count)
+    bigger = np.repeat(np.tile(_background(), (1, 2))[None], 1, axis=0)
+    patches, _, _ = stream.prepare(bigger)
+    assert patches.shape[0] == 24
+
+
+def test_skip_settings_are_checked() -> None:
+    with pytest.raises(ValueError):
+        SkipUnchanged(level=300)
+    with pytest.raises(ValueError):
+        SkipUnchanged(share=1.0)
+
+
+def test_a_frame_with_nothing_to_score_takes_an_empty_job() -> None:
+    """The server's batcher answers an empty job with an empty (0, 3) tensor without a forward pass."""
+    scorer = _scorer()
+    frames = np.repeat(_background()[None], 3, axis=0)
+    stream = FrameStream(scorer, skip=SkipUnchanged())
+    first = stream.score(frames[:2])
+    patches, grid, count = stream.prepare(frames[2:])
+    assert patches.shape[0] == 0
+    (result,) = stream.finish(torch.empty(0, 3), grid, count)
+    np.testing.assert_array_equal(result.map, first[1].map)
