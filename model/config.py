@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 InputMode = Literal["appearance", "appearance+motion", "appearance+flow"]
-ScoreMode = Literal["d_r_x", "d_x", "reconstruction", "fused"]
+ScoreMode = Literal["d_r_x", "d_x", "reconstruction", "motion", "fused"]
 INPUT_MODES: tuple[str, ...] = ("appearance", "appearance+motion", "appearance+flow")
-SCORE_MODES: tuple[str, ...] = ("d_r_x", "d_x", "reconstruction", "fused")
+SCORE_MODES: tuple[str, ...] = ("d_r_x", "d_x", "reconstruction", "motion", "fused")
 
 
 class ConfigError(ValueError):
@@ -85,6 +85,11 @@ class TrainConfig:
     holdout_fraction: float = 0.15  # tail of every clip, never trained on: stopping and calibration
     holdout_patches: int = 4096
     motion_sampling: float = 0.5  # share of training patches drawn where something moves
+    # Pseudo-anomalies for D (a deviation; 0 = the paper): this share of each D batch is moving normal
+    # patches whose motion channel is multiplied by a factor drawn from `pseudo_speedup` (the same
+    # scene, moving faster), labelled "not target" like R's output. See docs/model.md.
+    pseudo_anomaly_share: float = 0.25
+    pseudo_speedup: tuple[float, float] = (2.0, 4.0)
     # Stopping rule: R is kept at its best held-out reconstruction (condition 1); training goes on
     # until D separates real from refined held-out patches with at least this ROC AUC (condition 2)
     # and R has not improved for `patience` epochs.
@@ -93,8 +98,9 @@ class TrainConfig:
     detector_polish_epochs: int = 2  # D trained further against the frozen best R (see train.py)
     false_alarm_rate: float = 0.01  # tau: this share of held-out normal frames is flagged
     reject_band: tuple[float, float] = (0.005, 0.05)  # false-alarm rates bounding "uncertain"
-    score_mode: ScoreMode = "fused"
-    smoothing_frames: int = 1  # causal window of the served frame score
+    # The served frame score and its causal window (docs/model.md has every mode's Ped2 figures).
+    score_mode: ScoreMode = "motion"
+    smoothing_frames: int = 5
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -107,5 +113,9 @@ class TrainConfig:
             raise ConfigError("reject_band must be two false-alarm rates around false_alarm_rate")
         if self.batch_size < 2:
             raise ConfigError("batch_size must be at least 2 (batch norm)")
+        if not 0 <= self.pseudo_anomaly_share <= 1:
+            raise ConfigError(f"pseudo_anomaly_share must be within [0, 1], got {self.pseudo_anomaly_share}")
+        if not 1 < self.pseudo_speedup[0] <= self.pseudo_speedup[1]:
+            raise ConfigError(f"pseudo_speedup must be (low, high) with 1 < low <= high, got {self.pseudo_speedup}")
         if not 0 < self.holdout_fraction < 0.5:
             raise ConfigError(f"holdout_fraction must be within (0, 0.5), got {self.holdout_fraction}")

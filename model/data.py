@@ -159,6 +159,21 @@ class PatchSampler:
         return np.concatenate(points) if points else np.empty((0, 4), int)
 
     @property
+    def has_motion(self) -> bool:
+        return len(self._moving) > 0
+
+    def sample_sped_up(self, count: int, speedup: tuple[float, float]) -> torch.Tensor:
+        """Pseudo-anomalies: moving patches with the motion channel scaled as if moving faster."""
+        points = self._moving[self.rng.integers(0, len(self._moving), count)]
+        size = self.patch_size
+        batch = np.stack(
+            [self.clips[c].channels[t, :, y : y + size, x : x + size] for c, t, y, x in points]
+        ).astype(np.float32)
+        factors = self.rng.uniform(speedup[0], speedup[1], size=(count, 1, 1))
+        batch[:, 1] = np.clip(batch[:, 1] * factors, 0, 255)
+        return to_model_input(torch.from_numpy(batch))
+
+    @property
     def frame_count(self) -> int:
         return len(self._frame_index)
 

@@ -157,6 +157,10 @@ def publish(
             "weights_sha256": _sha256(weights_path),
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        # mkdtemp makes 0700: a version must be readable by the server's user (another user in
+        # containers), like any published file
+        staging.chmod(0o755)
+        weights_path.chmod(0o644)
         while True:
             last = latest_version(root)
             version = f"v{(int(last[1:]) + 1) if last else 1:04d}"

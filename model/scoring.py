@@ -1,10 +1,11 @@
 """Patches -> anomaly scores -> per-frame results. The one path used by `vad detect`, `vad eval` and
 the server.
 
-Every patch gets three raw anomaly components, higher = more anomalous:
+Every patch gets four raw anomaly components, higher = more anomalous:
 - ``d_r_x``: -logit D(R(X)), the paper's test score (logits, so ranks do not saturate at 0 or 1);
 - ``d_x``: -logit D(X), the paper's weaker alternative;
-- ``reconstruction``: mean squared error ||X - R(X)||^2 over the patch's pixels.
+- ``reconstruction``: mean squared error ||X - R(X)||^2 over the patch's pixels;
+- ``motion``: the mean of the patch's motion channel (speed for appearance+flow), no network at all.
 ``fused`` adds ``d_r_x`` and ``reconstruction`` after standardising each by the median and spread of
 its frame maxima on held-out normal frames. A frame's score is its most anomalous patch (the paper's rule), averaged over a
 causal window of ``smoothing_frames`` frames; a frame is anomalous when that score exceeds tau.
@@ -26,7 +27,8 @@ from model.frames import encode_frames, to_model_input
 from model.networks import Detector, Refiner
 from model.patches import GridShape, to_patches
 
-COMPONENTS = ("d_r_x", "d_x", "reconstruction")
+COMPONENTS = ("d_r_x", "d_x", "reconstruction", "motion")
+NETWORK_COMPONENTS = 3  # the first three come from R and D; "motion" is read off the input
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,17 @@ class SkipUnchanged:
 DEFAULT_SKIP: SkipUnchanged | None = SkipUnchanged()
 
 
+def motion_energy(patches: torch.Tensor) -> torch.Tensor:
+    """(N, C, P, P) -> (N, 1): mean of the motion channel in [0, 1] (zero without one).
+
+    Not a network output: the input's own motion energy, the prior that the learned scores are
+    measured against (and, on Ped2, the strongest single cue: docs/model.md).
+    """
+    if patches.shape[1] < 2:
+        return torch.zeros(patches.shape[0], 1)
+    return patches[:, 1].flatten(1).float().mean(1, keepdim=True).add(1.0).mul(0.5).cpu()
+
+
 class Scorer:
     """R and D in eval mode on one device; turns patch batches into raw components."""
 
@@ -147,14 +160,16 @@ class Scorer:
 
     @torch.inference_mode()
     def raw_scores(self, patches: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-        """(N, C, P, P) float patches in [-1, 1] -> (N, 3) components on the CPU."""
+        """(N, C, P, P) float patches in [-1, 1] -> (N, 4) components (COMPONENTS) on the CPU."""
         if self.engine is not None:
-            return self.engine.raw_scores(patches, batch_size)
-        out = [torch.empty(0, len(COMPONENTS))]
-        for start in range(0, patches.shape[0], batch_size):
-            x = patches[start : start + batch_size].to(self.device, non_blocking=True)
-            out.append(self.reference_scores(x).float().cpu())
-        return torch.cat(out)
+            network = self.engine.raw_scores(patches, batch_size)
+        else:
+            out = [torch.empty(0, NETWORK_COMPONENTS)]
+            for start in range(0, patches.shape[0], batch_size):
+                x = patches[start : start + batch_size].to(self.device, non_blocking=True)
+                out.append(self.reference_scores(x).float().cpu())
+            network = torch.cat(out)
+        return torch.cat([network, motion_energy(patches)], 1)
 
     def frame_patches(self, channels: np.ndarray) -> tuple[torch.Tensor, GridShape]:
         """(T, C, H, W) uint8 channels -> model-ready patches and the grid."""

@@ -1,9 +1,10 @@
 """Adversarial training of R and D on normal footage, the paper's stopping rule, publishing.
 
-Each step: D learns real X -> 1, R(X~) -> 0; then R learns eq. (5) on X~ = X + N(0, sigma^2 I).
-After each epoch, on held-out normal patches:
+Each step: D learns real X -> 1, R(X~) -> 0 (and, as an option, sped-up pseudo-anomalies -> 0); then
+R learns eq. (5) on X~ = X + N(0, sigma^2 I). After each epoch, on held-out normal patches:
 - condition 1: R's reconstruction error ||X - R(X)||^2; the best R so far is kept;
-- condition 2: D's separation, the ROC AUC of D(X) against D(R_best(X)); the best D so far is kept.
+- condition 2: D's separation, the ROC AUC of D(X) against D(R_best(X)); the D with the lowest
+  held-out loss so far is kept (see StoppingRule).
 Training stops once R has not improved for ``patience`` epochs and D separates at least
 ``separation_target``, or at ``max_epochs`` / ``time_budget_s``. D is then polished against the frozen
 best R (a fixed opponent cannot make it oscillate), the pair is calibrated on held-out normal frames
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from model import registry
 from model.calibrate import fit_calibration
-from model.config import ModelConfig, TrainConfig
+from model.config import ConfigError, ModelConfig, TrainConfig
 from model.data import (
     EncodedClip,
     FootageError,
@@ -65,6 +66,7 @@ class EpochRecord:
     kl_loss: float
     holdout_reconstruction: float
     separation_auc: float
+    holdout_detector_loss: float
     condition_1_improved: bool
     condition_2_met: bool
     seconds: float
@@ -75,7 +77,9 @@ class StoppingRule:
     """The paper's stopping rule, made concrete.
 
     Condition 1: R is kept whenever its held-out reconstruction error improves.
-    Condition 2: D is kept whenever its held-out separation (ROC AUC of D(X) vs D(R_best(X))) improves.
+    Condition 2: D separates real from refined held-out patches: its separation (ROC AUC of D(X) vs
+    D(R_best(X))) reaches the target. D is kept whenever its held-out loss improves: the AUC saturates
+    at 1.0 within an epoch or two, so it cannot tell a better D from the first one that separates.
     Stop once R has not improved for ``patience`` epochs and D's best separation reaches the target.
     """
 
@@ -83,6 +87,7 @@ class StoppingRule:
     separation_target: float
     best_reconstruction: float = math.inf
     best_separation: float = -1.0
+    best_detector_loss: float = math.inf
     stale_epochs: int = 0
 
     def observe_reconstruction(self, reconstruction: float) -> bool:
@@ -93,10 +98,11 @@ class StoppingRule:
         self.stale_epochs += 1
         return False
 
-    def observe_separation(self, separation: float) -> bool:
+    def observe_detector(self, separation: float, detector_loss: float) -> bool:
         """True when D improved (keep its parameters)."""
-        if separation > self.best_separation:
-            self.best_separation = separation
+        self.best_separation = max(self.best_separation, separation)
+        if detector_loss < self.best_detector_loss:
+            self.best_detector_loss = detector_loss
             return True
         return False
 
@@ -153,21 +159,33 @@ def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
+@dataclass
+class HoldoutFigures:
+    reconstruction: float  # per-pixel MSE of R on held-out normal patches
+    separation: float  # ROC AUC of D(X) against D(R(X)) (and pseudo-anomalies, when used)
+    detector_loss: float  # D's training objective on the same held-out patches; lower = better D
+
+
 @torch.inference_mode()
-def holdout_figures(refiner: Refiner, detector: Detector, patches: torch.Tensor) -> tuple[float, float]:
-    """(reconstruction MSE of R, AUC of D(X) vs D(R(X))) on held-out patches, eval mode."""
+def holdout_figures(
+    refiner: Refiner, detector: Detector, patches: torch.Tensor, negatives: torch.Tensor | None = None
+) -> HoldoutFigures:
+    """R's and D's figures on held-out patches, in eval mode."""
     was_training = refiner.training, detector.training
     refiner.eval()
     detector.eval()
     refined = torch.cat([refiner(chunk)[0] for chunk in patches.split(2048)])
     reconstruction = float((refined - patches).pow(2).mean())
-    real = torch.cat([detector(chunk) for chunk in patches.split(2048)]).float().cpu().numpy()
-    fake = torch.cat([detector(chunk) for chunk in refined.split(2048)]).float().cpu().numpy()
+    fakes = refined if negatives is None or len(negatives) == 0 else torch.cat([refined, negatives])
+    real_logits = torch.cat([detector(chunk) for chunk in patches.split(2048)])
+    fake_logits = torch.cat([detector(chunk) for chunk in fakes.split(2048)])
+    loss = float(detector_loss(real_logits, fake_logits))
+    real, fake = real_logits.float().cpu().numpy(), fake_logits.float().cpu().numpy()
     labels = np.concatenate([np.ones(len(real)), np.zeros(len(fake))])
     separation = float(roc_auc_score(labels, np.concatenate([real, fake])))
     refiner.train(was_training[0])
     detector.train(was_training[1])
-    return reconstruction, separation
+    return HoldoutFigures(reconstruction, separation, loss)
 
 
 def _checkpoint_path(checkpoint_dir: Path) -> Path:
@@ -235,6 +253,10 @@ def train(
     """Train on normal footage and publish a version (rank 0). Raises FootageError on bad footage."""
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
+    if parent_version:  # fine-tuning keeps the parent's network shape and input
+        model_config = registry.load_version(weights_dir, parent_version).config
+    if train_config.score_mode == "motion" and model_config.input_mode == "appearance":
+        raise ConfigError("score mode 'motion' needs a motion channel; input mode 'appearance' has none")
     clips = load_normal_footage(list(normal_paths))
     digest = footage_digest(clips)
     encoded = encode_clips(clips, model_config)
@@ -331,8 +353,6 @@ def _fit(
         refiner, detector = copy.deepcopy(initial[0]), copy.deepcopy(initial[1])
     elif parent_version:
         parent = registry.load_version(weights_dir, parent_version)
-        if parent.config != model_config:
-            model_config = parent.config
         refiner, detector = parent.refiner, parent.detector
     else:
         refiner, detector = Refiner(model_config), Detector(model_config)
@@ -343,6 +363,7 @@ def _fit(
     sampler = PatchSampler(train_clips, model_config.patch_size, cfg.motion_sampling, cfg.seed + 1000 * rank)
     holdout_sampler = PatchSampler(holdout, model_config.patch_size, cfg.motion_sampling, cfg.seed + 7)
     holdout_patches = holdout_sampler.sample(cfg.holdout_patches).to(device)
+    holdout_pseudo = _pseudo_anomalies(holdout_sampler, cfg, cfg.holdout_patches).to(device)
 
     best_r = copy.deepcopy(refiner.state_dict())
     best_d = copy.deepcopy(detector.state_dict())
@@ -384,16 +405,17 @@ def _fit(
         )
         for _ in bar:
             x = sampler.sample(cfg.batch_size).to(device, non_blocking=True)
+            pseudo = _pseudo_anomalies(sampler, cfg).to(device, non_blocking=True)
             noisy = x + cfg.noise_sigma * torch.randn_like(x)
             refined, mu, logvar = ddp_r(noisy)
-            logits = ddp_d(torch.cat([x, refined.detach()]))
+            logits = ddp_d(torch.cat([x, refined.detach(), pseudo]))
             loss_d = detector_loss(logits[: len(x)], logits[len(x) :])
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             opt_d.step()
-            # D sees the same real+refined batch as in its own step: with batch norm, a refined-only
-            # batch would be normalised differently and D would be fooled by the statistics alone.
-            refined_logits = ddp_d(torch.cat([x, refined]))[len(x) :]
+            # D sees the same real+refined(+pseudo) batch as in its own step: with batch norm, a
+            # refined-only batch would be normalised differently and D fooled by the statistics alone.
+            refined_logits = ddp_d(torch.cat([x, refined, pseudo]))[len(x) : 2 * len(x)]
             loss_r, terms = refiner_loss(
                 refined_logits, x, refined, mu, logvar, cfg.lambda_rec, cfg.lambda_kl
             )
@@ -407,18 +429,20 @@ def _fit(
             sums["rec"] += terms["rec"]
             sums["kl"] += terms["kl"]
             bar.set_postfix(d=f"{loss_d.item():.3f}", r=f"{loss_r.item():.3f}", rec=f"{terms['rec']:.4f}")
-        reconstruction, _ = holdout_figures(refiner, detector, holdout_patches)
+        reconstruction = holdout_figures(refiner, detector, holdout_patches).reconstruction
         improved = rule.observe_reconstruction(reconstruction)
         if improved:
             best_r = copy.deepcopy(refiner.state_dict())
-        separation = _separation_against(best_r, detector, model_config, holdout_patches, device)
-        if rule.observe_separation(separation):
+        d_figures = _detector_against(best_r, detector, model_config, holdout_patches, holdout_pseudo, device)
+        separation = d_figures.separation
+        if rule.observe_detector(separation, d_figures.detector_loss):
             best_d = copy.deepcopy(detector.state_dict())
         record = EpochRecord(
             epoch=epoch, step=step,
             d_loss=sums["d"] / steps_per_epoch, r_loss=sums["r"] / steps_per_epoch,
             rec_loss=sums["rec"] / steps_per_epoch, kl_loss=sums["kl"] / steps_per_epoch,
             holdout_reconstruction=reconstruction, separation_auc=separation,
+            holdout_detector_loss=d_figures.detector_loss,
             condition_1_improved=improved, condition_2_met=rule.separated,
             seconds=time.monotonic() - epoch_start,
         )
@@ -429,13 +453,14 @@ def _fit(
                 tqdm.write(
                     f"epoch {epoch}: D {record.d_loss:.3f} R {record.r_loss:.3f} | cond1 held-out rec "
                     f"{reconstruction:.5f}{' (best)' if improved else ''} | cond2 separation "
-                    f"{separation:.3f} (best {rule.best_separation:.3f}, target {cfg.separation_target})"
+                    f"{separation:.3f} (best {rule.best_separation:.3f}, target {cfg.separation_target}), "
+                    f"D held-out loss {d_figures.detector_loss:.4f}{' (best)' if d_figures.detector_loss == rule.best_detector_loss else ''}"
                 )
             _save_checkpoint(
                 checkpoint_dir, networks, {"refiner": opt_r, "detector": opt_d},
                 {"epoch": epoch, "step": step, "history": [asdict(h) for h in history],
-                 "rule": {"best_reconstruction": rule.best_reconstruction,
-                          "best_separation": rule.best_separation, "stale_epochs": rule.stale_epochs}},
+                 "rule": {"best_reconstruction": rule.best_reconstruction, "best_separation": rule.best_separation,
+                          "best_detector_loss": rule.best_detector_loss, "stale_epochs": rule.stale_epochs}},
             )
             save_file(
                 {**{f"refiner/{k}": v.cpu().contiguous() for k, v in best_r.items()},
@@ -451,46 +476,60 @@ def _fit(
 
     refiner.load_state_dict(best_r)
     detector.load_state_dict(best_d)
-    _polish_detector(refiner, detector, sampler, holdout_patches, model_config, cfg, device, steps_per_epoch, show_progress_bar and rank == 0)
+    _polish_detector(refiner, detector, sampler, holdout_patches, holdout_pseudo, cfg, device, steps_per_epoch,
+                     show_progress_bar and rank == 0)
     return refiner.cpu().eval(), detector.cpu().eval(), history
 
 
-def _separation_against(
+def _pseudo_anomalies(sampler: PatchSampler, cfg: TrainConfig, per: int | None = None) -> torch.Tensor:
+    """The optional sped-up negatives for D (none in the paper's setting or without motion):
+    ``pseudo_anomaly_share`` of ``per`` (default: one batch)."""
+    count = int(round((per or cfg.batch_size) * cfg.pseudo_anomaly_share))
+    if count == 0 or not sampler.has_motion:
+        channels = sampler.clips[0].channels.shape[1]
+        return torch.empty(0, channels, sampler.patch_size, sampler.patch_size)
+    return sampler.sample_sped_up(count, cfg.pseudo_speedup)
+
+
+def _detector_against(
     best_r: dict[str, torch.Tensor], detector: Detector, config: ModelConfig,
-    patches: torch.Tensor, device: torch.device,
-) -> float:
+    patches: torch.Tensor, negatives: torch.Tensor, device: torch.device,
+) -> HoldoutFigures:
     reference = Refiner(config).to(device)
     reference.load_state_dict(best_r)
-    return holdout_figures(reference, detector, patches)[1]
+    return holdout_figures(reference, detector, patches, negatives)
 
 
 def _polish_detector(
     refiner: Refiner, detector: Detector, sampler: PatchSampler, holdout_patches: torch.Tensor,
-    config: ModelConfig, cfg: TrainConfig, device: torch.device, steps_per_epoch: int, verbose: bool,
+    holdout_pseudo: torch.Tensor, cfg: TrainConfig, device: torch.device, steps_per_epoch: int,
+    verbose: bool,
 ) -> None:
-    """Train D against the frozen best R; keep the D with the best held-out separation."""
+    """Train D against the frozen best R; keep the D with the lowest held-out loss."""
     if cfg.detector_polish_epochs <= 0:
         return
     refiner.eval()
     optimizer = torch.optim.Adam(detector.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.999))
-    best_sep = holdout_figures(refiner, detector, holdout_patches)[1]
+    best_loss = holdout_figures(refiner, detector, holdout_patches, holdout_pseudo).detector_loss
     best_d = copy.deepcopy(detector.state_dict())
     for epoch in range(cfg.detector_polish_epochs):
         detector.train()
         for _ in range(steps_per_epoch):
             x = sampler.sample(cfg.batch_size).to(device)
+            pseudo = _pseudo_anomalies(sampler, cfg).to(device)
             with torch.no_grad():
                 refined = refiner(x + cfg.noise_sigma * torch.randn_like(x))[0]
-            logits = detector(torch.cat([x, refined]))
+            logits = detector(torch.cat([x, refined, pseudo]))
             loss = detector_loss(logits[: len(x)], logits[len(x) :])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        separation = holdout_figures(refiner, detector, holdout_patches)[1]
+        figures = holdout_figures(refiner, detector, holdout_patches, holdout_pseudo)
         if verbose:
-            tqdm.write(f"D polish {epoch + 1}/{cfg.detector_polish_epochs}: separation {separation:.3f}")
-        if separation > best_sep:
-            best_sep = separation
+            tqdm.write(f"D polish {epoch + 1}/{cfg.detector_polish_epochs}: separation "
+                       f"{figures.separation:.3f}, held-out D loss {figures.detector_loss:.4f}")
+        if figures.detector_loss < best_loss:
+            best_loss = figures.detector_loss
             best_d = copy.deepcopy(detector.state_dict())
     detector.load_state_dict(best_d)
 

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from model.config import SCORE_MODES
+
 DEFAULT_WEIGHTS = os.environ.get("VAD_WEIGHTS_DIR")
 
 
@@ -42,8 +44,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.latent_dim:
         model_fields["latent_dim"] = args.latent_dim
     train_fields: dict[str, Any] = {}
+    if args.score_mode is None and args.input_mode == "appearance":
+        args.score_mode = "d_r_x"  # no motion channel: the paper's score
     for name in ("max_epochs", "time_budget_s", "patches_per_epoch", "batch_size", "score_mode",
-                 "smoothing_frames", "false_alarm_rate", "seed"):
+                 "smoothing_frames", "false_alarm_rate", "seed", "pseudo_anomaly_share"):
         value = getattr(args, name)
         if value is not None:
             train_fields[name] = value
@@ -65,6 +69,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from model.recalibrate import recalibrate
+    from model.registry import read_manifest
+
+    overrides = {name: getattr(args, name) for name in ("score_mode", "smoothing_frames", "false_alarm_rate")
+                 if getattr(args, name) is not None}
+    weights = _weights_dir(args.weights)
+    version = recalibrate(weights, args.version, args.normal, **overrides)
+    manifest = read_manifest(weights, version)
+    cal = manifest["calibration"]
+    print(f"published {version} in {weights}: {args.version}'s networks, score {cal['score_mode']} "
+          f"(causal window {cal['smoothing_frames']}), tau {cal['threshold']:.4f}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from model import registry
     from model.evaluate import evaluate_ped2
@@ -75,7 +94,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate_ped2(args.root, weights, args.version, args.device or "cpu", plots_dir=args.plots)
     summary, details = report["summary"], report["details"]
     print(f"Ped2 frame-level, {summary['frames']} frames, version {summary['version']} ({summary['input_mode']}):")
-    for mode, fig in {**summary["scores"], "fused": details["fused"]}.items():
+    for mode, fig in {**summary["scores"], "motion": details["motion"], "fused": details["fused"]}.items():
         print(f"  {mode:15s} AUC {fig['auc']:.4f}  EER {fig['eer']:.4f}")
     served = details["served"]
     print(f"  served ({served['score_mode']}, causal window {served['smoothing_frames']}): "
@@ -159,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--time-budget", dest="time_budget_s", type=float, help="seconds")
     train.add_argument("--patches-per-epoch", type=int)
     train.add_argument("--batch-size", type=int)
-    train.add_argument("--score-mode", choices=["d_r_x", "d_x", "reconstruction", "fused"])
+    train.add_argument("--score-mode", choices=list(SCORE_MODES), help="served frame score (default motion)")
+    train.add_argument("--pseudo-anomalies", dest="pseudo_anomaly_share", type=float,
+                       help="share of sped-up moving patches added to D's negatives (0 = the paper)")
     train.add_argument("--smoothing", dest="smoothing_frames", type=int, help="causal window (frames)")
     train.add_argument("--false-alarm-rate", type=float, help="share of normal frames above tau")
     train.add_argument("--seed", type=int)
@@ -169,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--reject-and-refine", action="store_true",
                        help="drop training frames the first model rejects, then fine-tune")
     train.set_defaults(func=cmd_train)
+
+    calibrate = sub.add_parser("calibrate", help="re-calibrate a version on normal footage (new version, same networks)")
+    calibrate.add_argument("--version", required=True)
+    calibrate.add_argument("--normal", nargs="+", required=True, help="normal footage; each clip's tail calibrates")
+    calibrate.add_argument("--weights")
+    calibrate.add_argument("--score-mode", choices=list(SCORE_MODES))
+    calibrate.add_argument("--smoothing", dest="smoothing_frames", type=int, help="causal window (frames)")
+    calibrate.add_argument("--false-alarm-rate", type=float)
+    calibrate.set_defaults(func=cmd_calibrate)
 
     evaluate = sub.add_parser("eval", help="frame-level AUC/EER on a labelled benchmark")
     evaluate.add_argument("--dataset", default="ped2")

@@ -71,8 +71,10 @@ def test_upload_train_publish_activate(job_env) -> None:
         assert "eta_s" in progress and progress["eta_s"] >= 0
         assert [h["epoch"] for h in job["history"]] == [1, 2]
         assert {e["event"] for e in job["events"]} >= {"queued", "claimed", "succeeded"}
-        assert not (job_env.data / "uploads" / job_id).exists()  # uploads removed once finished
-        assert not (job_env.data / "checkpoints" / job_id).exists()
+        # uploads and checkpoints are removed once the outcome is recorded (a moment after it)
+        wait_for(lambda: not (job_env.data / "uploads" / job_id).exists()
+                 and not (job_env.data / "checkpoints" / job_id).exists(), timeout=10,
+                 what="the finished job's files removed")
 
         listed = http.get("/v1/models").json()
         assert [v["version"] for v in listed["versions"]] == ["v0001", "v0002"]
@@ -187,7 +189,10 @@ def test_cancel_and_bad_footage(job_env, tmp_path: Path) -> None:
         assert job["state"] == "cancelled" and job["version"] is None, job
         assert job["progress"]["epoch"] < 200
         assert registry.list_versions(job_env.weights) == ["v0001"]
-        assert not (job_env.data / "checkpoints" / long_job).exists()
+        # the worker records the outcome first, then removes the job's files (a worker that lost its
+        # lease must not delete its successor's checkpoint), so the folder goes a moment later
+        wait_for(lambda: not (job_env.data / "checkpoints" / long_job).exists(), timeout=10,
+                 what="the cancelled job's checkpoint folder removed")
 
         # Bad footage fails the job with the client's file name, never a server path.
         garbage = tmp_path / "garbage.bin"

@@ -141,3 +141,33 @@ def test_reject_and_refine_drops_contaminated_frames(tmp_path: Path) -> None:
     # anomalous frames are 20 of the ~96 training frames; most dropped frames must be among them
     assert len(dropped_dirty) / report["frames_dropped"] > 0.5
     assert result.version == "v0001"
+
+
+def test_calibrate_publishes_a_new_version_with_the_same_networks(trained_weights: Path, normal_footage, tmp_path: Path) -> None:
+    import shutil
+
+    weights = tmp_path / "weights"
+    shutil.copytree(trained_weights, weights)
+    before = registry.read_manifest(weights, "v0001")
+    code = main(["calibrate", "--version", "v0001", "--normal", *map(str, normal_footage), "--weights", str(weights),
+                 "--score-mode", "reconstruction", "--smoothing", "1"])
+    assert code == 0
+    after = registry.read_manifest(weights, "v0002")
+    assert after["weights_sha256"] == before["weights_sha256"]
+    assert after["parent_version"] == "v0001"
+    assert after["calibration"]["score_mode"] == "reconstruction" and after["calibration"]["smoothing_frames"] == 1
+    assert registry.load_version(weights, "v0002").calibration.threshold == after["threshold"]
+    assert main(["calibrate", "--version", "v0009", "--normal", str(normal_footage[0]), "--weights", str(weights)]) == 2
+
+
+def test_torchrun_trains_with_two_cpu_processes(normal_footage, tmp_path: Path) -> None:
+    """DistributedDataParallel over gloo: two processes, one published version."""
+    weights = tmp_path / "weights"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "service.cli", "train",
+               "--normal", *map(str, normal_footage), "--weights", str(weights), *TINY[:-1], "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert registry.list_versions(weights) == ["v0001"]  # rank 0 alone publishes
+    assert registry.load_version(weights, "v0001").manifest["history"][0]["epoch"] == 1

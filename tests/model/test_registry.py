@@ -43,6 +43,8 @@ def test_publish_and_load_round_trip(tmp_path: Path) -> None:
         assert torch.equal(loaded.refiner.state_dict()[key], value)
     assert loaded.manifest["version"] == "v0001"
     assert set(os.listdir(tmp_path)) == {"v0001"}  # no temporary folder left behind
+    assert (tmp_path / "v0001").stat().st_mode & 0o777 == 0o755  # readable by a server of another user
+    assert (tmp_path / "v0001" / registry.WEIGHTS_FILE).stat().st_mode & 0o777 == 0o644
 
 
 def test_versions_are_numbered_and_never_overwritten(tmp_path: Path) -> None:
