@@ -52,11 +52,16 @@ _FLOW_POOL_LOCK = threading.Lock()
 
 
 def _flow_pool() -> ThreadPoolExecutor:
-    """Threads computing the flows of a batch's frame pairs side by side (OpenCV releases the GIL;
-    Farneback itself keeps about one core busy)."""
+    """Threads computing the flows of a batch's frame pairs side by side (OpenCV releases the GIL).
+
+    Creating it also turns OpenCV's own thread pool off (``cv2.setNumThreads(1)``, process-wide):
+    Farneback's internal parallel loops were slower than one thread even for a single frame (19.4 vs
+    17.1 ms at 360x240 on 2 cores) and halved the gain of running frames side by side (15.2 vs
+    8.7 ms/frame); docs/speed.md."""
     global _FLOW_POOL
     with _FLOW_POOL_LOCK:
         if _FLOW_POOL is None:
+            cv2.setNumThreads(1)
             _FLOW_POOL = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="vad-flow")
         return _FLOW_POOL
 
@@ -80,8 +85,9 @@ def encode_frames(
             motion = diff * config.motion_gain
         else:
             pairs = list(zip(before, gray))
+            pool = _flow_pool()
             if len(pairs) > 1 and (os.cpu_count() or 1) > 1:
-                flows = list(_flow_pool().map(lambda pair: _flow_magnitude(pair[0], pair[1], flow), pairs))
+                flows = list(pool.map(lambda pair: _flow_magnitude(pair[0], pair[1], flow), pairs))
             else:
                 flows = [_flow_magnitude(b, g, flow) for b, g in pairs]
             motion = np.stack(flows)

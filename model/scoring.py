@@ -23,7 +23,7 @@ import torch
 
 from model.config import SCORE_MODES, ModelConfig
 from model.fast import InferenceEngine
-from model.frames import encode_frames, to_model_input
+from model.frames import FLOW_PRESETS, encode_frames, to_model_input
 from model.networks import Detector, Refiner
 from model.patches import GridShape, to_patches
 
@@ -129,6 +129,7 @@ class Scorer:
         precision: str = "float32",
         cuda_graphs: bool = False,
         backend: str = "auto",
+        flow: str = "farneback",
     ) -> None:
         self.device = torch.device(device)
         self.refiner = refiner.to(self.device).eval()
@@ -136,6 +137,11 @@ class Scorer:
         self.config = config
         self.calibration = calibration
         self.skip = skip  # the FrameStream default: reuse components of unchanged patches (or None)
+        # optical-flow preset of FrameStream's encoding (model/frames.py FLOW_PRESETS): versions are
+        # trained with "farneback"; the cheaper ones are an option with measured effects (docs/speed.md)
+        if flow not in FLOW_PRESETS:
+            raise ValueError(f"unknown flow preset {flow!r} (one of {sorted(FLOW_PRESETS)})")
+        self.flow = flow
         # The serving path: an eval-only fused copy (batch norm folded, NHWC; model/fast.py), built
         # from the weights as they are now. ``fused=False`` scores with the modules themselves.
         # On CUDA, ``precision`` (bf16/fp16 autocast) and ``cuda_graphs`` apply to it; on the CPU,
@@ -228,7 +234,7 @@ class FrameStream:
         """(T, H, W) uint8 frames -> (patches to score, grid, T); advances the motion state."""
         if self.previous is not None and self.previous.shape != gray.shape[1:]:
             self.previous = None  # the resolution changed: no valid predecessor
-        channels = encode_frames(gray, self.scorer.config, self.previous)
+        channels = encode_frames(gray, self.scorer.config, self.previous, flow=getattr(self.scorer, "flow", "farneback"))
         self.previous = gray[-1].copy()
         count = gray.shape[0]
         if self.skip is None:

@@ -149,7 +149,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(_weights_dir(args.weights), args.version, quick=args.quick,
                        dataset_root=Path(args.root) if args.root else None, eval_clips=clips,
                        naive_frames=args.naive_frames, stream_seconds=args.stream_seconds,
-                       service=not args.no_service, ablate=not args.no_ablation)
+                       service=not args.no_service, ablate=not args.no_ablation, flow=args.flow)
     if args.json:
         _write_json(args.json, result)
     return 0
@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--stream-seconds", type=float, help="seconds each WebSocket trial sends (default 10)")
     bench.add_argument("--no-service", action="store_true", help="skip the server and stream sections")
     bench.add_argument("--no-ablation", action="store_true", help="skip measuring each optimisation in turn")
+    bench.add_argument("--flow", default="farneback", choices=["farneback", "farneback-1iter", "farneback-half"],
+                       help="optical-flow preset of the input (appearance+flow; changes the model's input)")
     bench.set_defaults(func=cmd_bench)
 
     worker = sub.add_parser("worker", help="run queued training jobs (POST /v1/training-jobs) until stopped")

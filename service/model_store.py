@@ -152,6 +152,7 @@ class ModelStore:
             "precision": settings.precision,
             "cuda_graphs": settings.cuda_graphs,
             "backend": settings.inference_backend,
+            "flow": settings.flow_preset,
         }
         self.metrics = metrics
         self._current: ServingModel | None = None

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
         "float32", description="CUDA only: autocast precision of the networks (CPU always float32).",
     )
     cuda_graphs: bool = Field(False, description="CUDA only: replay captured CUDA graphs per batch-size bucket.")
+    flow_preset: Literal["farneback", "farneback-1iter", "farneback-half"] = Field(
+        "farneback", description="appearance+flow versions: optical-flow preset of the input (versions are trained with farneback).",
+    )
     inference_backend: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="CPU only: auto (ONNX Runtime when installed, else torch), torch or onnxruntime.",
     )

@@ -131,3 +131,17 @@ def test_a_frame_with_nothing_to_score_takes_an_empty_job() -> None:
     assert patches.shape[0] == 0
     (result,) = stream.finish(torch.empty(0, 3), grid, count)
     np.testing.assert_array_equal(result.map, first[1].map)
+
+
+def test_the_flow_preset_is_an_option_of_the_scorer() -> None:
+    """A cheaper optical flow changes the input (so the scores), and only when asked for."""
+    scorer = _scorer("appearance+flow")
+    frames = np.repeat(_background()[None], 3, axis=0)
+    frames[1:, 10:30, 10:30] = 250
+    frames[2, 10:30, 14:34] = 250
+    default, _ = _run(scorer, frames, None, [3])
+    scorer.flow = "farneback-1iter"
+    cheaper, _ = _run(scorer, frames, None, [3])
+    assert any(a.score != b.score for a, b in zip(default, cheaper))
+    with pytest.raises(ValueError, match="flow preset"):
+        Scorer(scorer.refiner, scorer.detector, scorer.config, scorer.calibration, flow="lucas-kanade")
