@@ -7,12 +7,17 @@ folder alone (the nanoGPT pattern: one config object, saved with the weights).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 InputMode = Literal["appearance", "appearance+motion", "appearance+flow"]
 ScoreMode = Literal["d_r_x", "d_x", "reconstruction", "motion", "fused"]
 INPUT_MODES: tuple[str, ...] = ("appearance", "appearance+motion", "appearance+flow")
 SCORE_MODES: tuple[str, ...] = ("d_r_x", "d_x", "reconstruction", "motion", "fused")
+FlowPreset = Literal["farneback", "farneback-1iter", "farneback-half"]
+FLOW_PRESET_NAMES: tuple[str, ...] = get_args(FlowPreset)
+# What versions published before ``flow_preset`` was a setting were trained with (their manifests
+# have no such key).
+LEGACY_FLOW_PRESET = "farneback"
 
 
 class ConfigError(ValueError):
@@ -36,12 +41,18 @@ class ModelConfig:
     detector_channels: tuple[int, int, int] = (16, 32, 64)
     motion_gain: float = 4.0
     flow_scale_px: float = 4.0
+    # Farneback settings of the flow channel (model/frames.py FLOW_PRESETS): part of the input a
+    # version is trained and served with. One iteration instead of three halves the encoding at the
+    # same Ped2 motion AUC (docs/speed.md).
+    flow_preset: FlowPreset = "farneback-1iter"
     bn_eps: float = 1e-6
     bn_momentum: float = 0.1  # torch's momentum = 1 - decay; the paper's decay 0.9
 
     def __post_init__(self) -> None:
         if self.input_mode not in INPUT_MODES:
             raise ConfigError(f"input_mode must be one of {INPUT_MODES}, got {self.input_mode!r}")
+        if self.flow_preset not in FLOW_PRESET_NAMES:
+            raise ConfigError(f"flow_preset must be one of {FLOW_PRESET_NAMES}, got {self.flow_preset!r}")
         if not 8 <= self.patch_size <= 128:
             raise ConfigError(f"patch_size must be within 8..128, got {self.patch_size}")
         if not 1 <= self.stride <= self.patch_size:
@@ -68,6 +79,12 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"unknown model settings: {sorted(unknown)}")
         return cls(**data)
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Settings saved earlier (a version's manifest, a queued job): those saved before
+        ``flow_preset`` existed get the preset they were trained with, not today's default."""
+        return cls.from_dict({"flow_preset": LEGACY_FLOW_PRESET, **data})
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,7 @@ def scorer_for(loaded: registry.LoadedVersion, device: str | torch.device = "cpu
 
 def iter_frame_results(scorer: Scorer, gray: np.ndarray, fps: float) -> Iterator[FrameResult]:
     """Score a clip in chunks, yielding each frame's result as soon as its chunk is done."""
-    stream = FrameStream(scorer, fps)
-    for start in range(0, gray.shape[0], FRAMES_PER_BATCH):
-        yield from stream.score(gray[start : start + FRAMES_PER_BATCH])
+    return FrameStream(scorer, fps).score_clip(gray, FRAMES_PER_BATCH)
 
 
 def clip_summary(

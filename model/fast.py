@@ -332,6 +332,8 @@ class _CpuWorkers:
         parts = max(min(self.count, n // self.MIN_PART), -(-n // self.max_part))
         if parts <= 1:
             return run(x)
+        # a whole number of parts per worker: 5 parts on 2 workers take as long as 6 (3 rounds)
+        parts = -(-parts // self.count) * self.count if parts > self.count else parts
         size = -(-n // parts)
         futures = [self.pool.submit(_inference_call, run, part) for part in x.split(size)]
         return torch.cat([f.result() for f in futures])
@@ -380,6 +382,11 @@ class InferenceEngine:
         self.nets = InferenceNets(refiner, detector).to(self.device)
         cuda = self.device.type == "cuda"
         self.precision = precision if cuda else "float32"
+        if cuda and self.precision == "float32":
+            # float32 means float32: cuDNN's TF32 convolutions (torch's default) moved d_r_x by 0.067
+            # of its spread from the CPU, more than fp16 did (0.056; docs/speed.md), against
+            # thresholds calibrated in float32. Process-wide; a serving process only runs inference.
+            torch.backends.cudnn.allow_tf32 = False
         self.graphs = _CudaGraphs(self._run) if cuda and cuda_graphs else None
         workers = cpu_workers or CPU_WORKERS or torch.get_num_threads()
         self.workers = _CpuWorkers(workers) if self.device.type == "cpu" and workers > 1 else None

@@ -23,9 +23,9 @@ from model.config import ModelConfig
 
 
 # Farneback settings (pyr_scale, levels, winsize, iterations, poly_n, poly_sigma) and the scale the
-# flow is computed at. "farneback" is what every version is trained with; the others are cheaper
-# variants measured in docs/speed.md (speed, and Ped2 AUC/EER of a model trained on "farneback"):
-# options for a deployment to evaluate, never the default of a version's input.
+# flow is computed at, one entry per ModelConfig.flow_preset. A version is trained and served with
+# its own (v0001 with "farneback", newer versions with "farneback-1iter"); speed and Ped2 effect of
+# each in docs/speed.md.
 FLOW_PRESETS: dict[str, tuple[tuple[float, int, int, int, int, float], float]] = {
     "farneback": ((0.5, 3, 15, 3, 5, 1.2), 1.0),
     "farneback-1iter": ((0.5, 3, 15, 1, 5, 1.2), 1.0),
@@ -33,7 +33,7 @@ FLOW_PRESETS: dict[str, tuple[tuple[float, int, int, int, int, float], float]] =
 }
 
 
-def _flow_magnitude(previous: np.ndarray, current: np.ndarray, preset: str = "farneback") -> np.ndarray:
+def _flow_magnitude(previous: np.ndarray, current: np.ndarray, preset: str) -> np.ndarray:
     (pyr_scale, levels, winsize, iterations, poly_n, poly_sigma), scale = FLOW_PRESETS[preset]
     if scale != 1.0:
         size = (current.shape[1], current.shape[0])
@@ -67,13 +67,15 @@ def _flow_pool() -> ThreadPoolExecutor:
 
 
 def encode_frames(
-    gray: np.ndarray, config: ModelConfig, previous: np.ndarray | None = None, flow: str = "farneback"
+    gray: np.ndarray, config: ModelConfig, previous: np.ndarray | None = None, flow: str | None = None
 ) -> np.ndarray:
     """(T, H, W) uint8 grayscale -> (T, C, H, W) uint8 channels of ``config.input_mode``.
 
     ``previous`` is the frame before gray[0] (a stream keeps it); without it the first frame is its
-    own predecessor, so its motion channel is empty. ``flow``: a FLOW_PRESETS name (appearance+flow).
+    own predecessor, so its motion channel is empty. ``flow``: a FLOW_PRESETS name overriding
+    ``config.flow_preset`` (appearance+flow; an experiment, since it changes the model's input).
     """
+    preset = flow or config.flow_preset
     if gray.ndim != 3 or gray.dtype != np.uint8:
         raise ValueError(f"expected (T, H, W) uint8 frames, got {gray.dtype} {gray.shape}")
     channels = [gray]
@@ -87,9 +89,9 @@ def encode_frames(
             pairs = list(zip(before, gray))
             pool = _flow_pool()
             if len(pairs) > 1 and (os.cpu_count() or 1) > 1:
-                flows = list(pool.map(lambda pair: _flow_magnitude(pair[0], pair[1], flow), pairs))
+                flows = list(pool.map(lambda pair: _flow_magnitude(pair[0], pair[1], preset), pairs))
             else:
-                flows = [_flow_magnitude(b, g, flow) for b, g in pairs]
+                flows = [_flow_magnitude(b, g, preset) for b, g in pairs]
             motion = np.stack(flows)
             motion *= 255.0 / config.flow_scale_px
         channels.append(np.clip(motion, 0, 255).astype(np.uint8))

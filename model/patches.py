@@ -37,9 +37,16 @@ def to_patches(frames: torch.Tensor, patch_size: int, stride: int) -> tuple[torc
     """(T, C, H, W) -> ((T * rows * cols, C, P, P), grid). One copy, no Python loop over patches."""
     if frames.dim() != 4:
         raise ValueError(f"frames must be (T, C, H, W), got shape {tuple(frames.shape)}")
-    _, channels, height, width = frames.shape
-    ys = torch.tensor(axis_positions(height, patch_size, stride), device=frames.device)
-    xs = torch.tensor(axis_positions(width, patch_size, stride), device=frames.device)
+    count, channels, height, width = frames.shape
+    # (also refuses a frame smaller than a patch, on either path)
+    row_starts, col_starts = axis_positions(height, patch_size, stride), axis_positions(width, patch_size, stride)
+    if height % patch_size == width % patch_size == 0 and stride == patch_size:
+        # a grid that tiles the frame exactly (Ped2: 8 x 12): a reshape, 3-4x faster than the gather
+        rows, cols = height // patch_size, width // patch_size
+        tiles = frames.reshape(count, channels, rows, patch_size, cols, patch_size).permute(0, 2, 4, 1, 3, 5)
+        return tiles.reshape(-1, channels, patch_size, patch_size), GridShape(rows, cols)
+    ys = torch.tensor(row_starts, device=frames.device)
+    xs = torch.tensor(col_starts, device=frames.device)
     # unfold with step 1 is a view; index_select copies only the rows/columns the grid uses.
     rows = frames.unfold(2, patch_size, 1).index_select(2, ys)  # (T, C, R, W, Py)
     grid = rows.unfold(3, patch_size, 1).index_select(3, xs)  # (T, C, R, Cols, Py, Px)

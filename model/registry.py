@@ -203,7 +203,7 @@ def load_version(weights_dir: str | Path, version: str, device: str | torch.devi
     if _sha256(weights_path) != manifest.get("weights_sha256"):
         raise RegistryError(f"{version}: {WEIGHTS_FILE} does not match the manifest's sha256")
     try:
-        config = ModelConfig.from_dict(manifest["model_config"])
+        config = ModelConfig.from_saved(manifest["model_config"])
         calibration = Calibration.from_dict(manifest["calibration"])
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise RegistryError(f"{version}: manifest has no valid model_config/calibration ({exc})") from exc

@@ -42,6 +42,7 @@ from model.frames import encode_frames
 from model.scoring import COMPONENTS, FrameStream, Scorer, SkipUnchanged
 
 FRAMES_PER_BATCH_TRIED = (1, 2, 4, 8, 16)
+CUDA_FRAMES_PER_BATCH_TRIED = (64, 256)
 CAMERA_FPS = 10.0  # Ped2's camera rate: each benchmark stream sends this many frames per second
 REALTIME_P99_MS = 250.0
 PED2_HEIGHT, PED2_WIDTH = 240, 360
@@ -120,6 +121,13 @@ def jpeg_frames(footage: Footage, count: int) -> list[bytes]:
 # --- timing helpers --------------------------------------------------------------------------------
 
 
+def _synchronized(fn, device: torch.device):
+    """``fn`` that returns only once the GPU work it queued is done (timing asynchronous CUDA)."""
+    if device.type != "cuda":
+        return fn
+    return lambda: (fn(), torch.cuda.synchronize(device))
+
+
 def _best_seconds(fn, seconds: float, repeats: int) -> float:
     """Best mean seconds per call over ``repeats`` windows of about ``seconds`` each (after a warm-up)."""
     fn()
@@ -136,13 +144,18 @@ def _best_seconds(fn, seconds: float, repeats: int) -> float:
     return best
 
 
-def roofline_gflops(quick: bool) -> dict[str, Any]:
-    """Best float32 matmul GFLOP/s over a few square sizes."""
-    sizes = (256, 512) if quick else (512, 1024, 2048)
+def roofline_gflops(quick: bool, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+    """Best float32 matmul GFLOP/s over a few square sizes (on CUDA true float32: TF32 off, torch's
+    default for matmul)."""
+    if device.type == "cuda":
+        sizes = (1024, 2048) if quick else (2048, 4096, 8192)
+    else:
+        sizes = (256, 512) if quick else (512, 1024, 2048)
     results = {}
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        seconds = _best_seconds(lambda: torch.mm(a, b), 0.1 if quick else 0.5, 2 if quick else 5)
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        matmul = _synchronized(lambda: torch.mm(a, b), device)
+        seconds = _best_seconds(matmul, 0.1 if quick else 0.5, 2 if quick else 5)
         results[n] = 2 * n**3 / seconds / 1e9
     return {"gflops": max(results.values()), "by_size": {str(k): round(v, 1) for k, v in results.items()}}
 
@@ -155,6 +168,7 @@ def required_flops(scorer: Scorer, patches: torch.Tensor) -> int:
     from model.networks import _pad
 
     refiner, detector = scorer.refiner, scorer.detector
+    patches = patches.to(scorer.device)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         h = refiner.encoder(_pad(patches, scorer.config.patch_size)).flatten(1)
         refined = refiner.decode(refiner.to_mu(h))
@@ -178,6 +192,8 @@ def model_path(scorer: Scorer, channels: np.ndarray, roofline: float, quick: boo
     flops = required_flops(scorer, per_frame)
     by_batch = {}
     tried = FRAMES_PER_BATCH_TRIED[:2] if quick else FRAMES_PER_BATCH_TRIED
+    if scorer.device.type == "cuda" and not quick:
+        tried = tried + CUDA_FRAMES_PER_BATCH_TRIED  # a GPU needs far larger batches to fill up
     for frames in tried:
         idx = np.arange(frames) % len(channels)
         patches = _cut(scorer, channels[idx], stride)
@@ -260,8 +276,8 @@ def naive_loop(scorer: Scorer, gray: np.ndarray) -> dict[str, Any]:
         previous = frame
         patches, _ = scorer.frame_patches(channels)
         encoded = time.perf_counter()
-        for i in range(patches.shape[0]):
-            scorer.reference_scores(patches[i : i + 1])
+        for i in range(patches.shape[0]):  # each patch's scores read back, as such a loop does
+            scorer.reference_scores(patches[i : i + 1].to(scorer.device)).cpu()
         model_s += time.perf_counter() - encoded
         encode_s += encoded - started
     count = len(gray)
@@ -280,12 +296,10 @@ def full_path(scorer: Scorer, footage: Footage, skip: SkipUnchanged | None) -> d
 
     scores, labels = [], []
     seen = scored = 0
-    encode_s = 0.0
     started = time.perf_counter()
     for _, gray, clip_labels, _ in footage.clips:
         stream = FrameStream(scorer, CAMERA_FPS, skip=skip)
-        for start in range(0, len(gray), FRAMES_PER_BATCH):
-            scores += [r.score for r in stream.score(gray[start : start + FRAMES_PER_BATCH])]
+        scores += [r.score for r in stream.score_clip(gray, FRAMES_PER_BATCH)]
         seen += stream.patches_seen
         scored += stream.patches_scored
         if clip_labels is not None:
@@ -293,9 +307,7 @@ def full_path(scorer: Scorer, footage: Footage, skip: SkipUnchanged | None) -> d
     seconds = time.perf_counter() - started
     # the encoding's share, timed apart on the same frames (flow dominates appearance+flow)
     sample = footage.clips[0][1][:32]
-    t0 = time.perf_counter()
-    encode_frames(sample, scorer.config, flow=scorer.flow)
-    encode_s = (time.perf_counter() - t0) / len(sample)
+    encode_s = _best_seconds(lambda: encode_frames(sample, scorer.config, flow=scorer.flow), 0.0, 3) / len(sample)
     out: dict[str, Any] = {
         "frames": len(scores),
         "frames_per_s": round(len(scores) / seconds, 2),
@@ -531,14 +543,17 @@ def streams_section(server: ServerProcess, frames: list[bytes], quick: bool, sec
 def run_bench(
     weights_dir: Path, version: str | None = None, quick: bool = False, dataset_root: Path | None = None,
     eval_clips: list[str] | None = None, naive_frames: int | None = None, stream_seconds: float | None = None,
-    service: bool = True, ablate: bool = True, flow: str = "farneback",
+    service: bool = True, ablate: bool = True, flow: str | None = None, device: str = "auto",
 ) -> dict[str, Any]:
+    """Every figure of docs/speed.md in one run. ``device``: where the networks run (``auto``: CUDA
+    when there is a GPU, as `vad serve` does); the roofline is that device's float32 matmul."""
     from model import fast
+    from service.model_store import resolve_device
 
     threads, workers = torch.get_num_threads(), fast.CPU_WORKERS
     try:
         return _run_bench(weights_dir, version, quick, dataset_root, eval_clips, naive_frames, stream_seconds,
-                          service, ablate, flow)
+                          service, ablate, flow, torch.device(resolve_device(device)))
     finally:  # the bench dedicates this process's cores to inference workers; put that back
         fast.CPU_WORKERS = workers
         torch.set_num_threads(threads)
@@ -546,14 +561,16 @@ def run_bench(
 
 def _run_bench(
     weights_dir: Path, version: str | None, quick: bool, dataset_root: Path | None, eval_clips: list[str] | None,
-    naive_frames: int | None, stream_seconds: float | None, service: bool, ablate: bool, flow: str,
+    naive_frames: int | None, stream_seconds: float | None, service: bool, ablate: bool, flow: str | None,
+    device: torch.device,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     version = version or registry.active_version(weights_dir)
     if version is None:
         raise registry.VersionNotFound(f"no published version in {weights_dir}")
     loaded = registry.load_version(weights_dir, version, "cpu")
-    scorer = scorer_for(loaded, "cpu", flow=flow)
+    scorer = scorer_for(loaded, device, flow=flow)
+    on_cuda = device.type == "cuda"
     config = loaded.config
     root = dataset_root if dataset_root is not None else default_dataset_root()
     if quick:
@@ -565,35 +582,39 @@ def _run_bench(
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "quick": quick,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "processor": platform.processor() or platform.machine()},
+                    "processor": platform.processor() or platform.machine(),
+                    "device": torch.cuda.get_device_name(device) if on_cuda else "cpu"},
         "version": version,
         "weights_dir": str(weights_dir),
         "input_mode": config.input_mode,
-        "flow_preset": flow,
+        "flow_preset": scorer.flow,
+        "flow_preset_overridden": flow is not None,
         "patch_size": config.patch_size,
         "stride": config.stride,
         "dataset": str(root) if root else "synthetic 240x360 frames (Ped2 not found)",
         "clips": [name for name, *_ in footage.clips],
     }
-    roof = roofline_gflops(quick)
+    roof = roofline_gflops(quick, device)
     result["roofline_gflops"] = round(roof["gflops"], 1)
     result["roofline_by_size"] = roof["by_size"]
-    _say(f"roofline: float32 matmul {result['roofline_gflops']} GFLOP/s ({roof['by_size']}), {torch.get_num_threads()} threads")
+    _say(f"roofline: float32 matmul on {result['machine']['device']} {result['roofline_gflops']} GFLOP/s "
+         f"({roof['by_size']}), {torch.get_num_threads()} CPU threads")
 
     # the naive loop first, with torch's default threads and no worker pool used yet in this process
-    naive = naive_loop(scorer, footage.frames(naive_frames or (2 if quick else 24)))
+    naive = naive_loop(scorer, footage.frames(naive_frames or (2 if quick else 48)))
     result["naive"] = naive
     _say(f"naive per-patch loop: {naive['frames_per_s']} frames/s end to end "
          f"({naive['model_only_frames_per_s']} model only, encoding {naive['encode_ms_per_frame']} ms/frame)")
     sample = footage.frames(16)
-    channels = encode_frames(sample, config, flow=flow)
-    if ablate:  # with torch's default threads too, before the serving set-up below
+    channels = encode_frames(sample, config, flow=scorer.flow)
+    if ablate and not on_cuda:  # CPU engines; with torch's default threads too, before the serving set-up below
         per_frame = _cut(scorer, channels[:1], config.patch_size)
         result["ablation"] = ablation(scorer, channels, required_flops(scorer, per_frame), quick)
     # from here on as `vad serve` runs: batches split over single-threaded workers, other ops 1 thread
     from model.fast import dedicate_cpu_to_workers
 
-    result["machine"]["cpu_workers"] = dedicate_cpu_to_workers()
+    if not on_cuda:
+        result["machine"]["cpu_workers"] = dedicate_cpu_to_workers()
     # non-overlapping patches (Ped2's 96 per frame at 30x30), and the version's own stride if it overlaps
     strides = [config.patch_size] + ([config.stride] if config.stride != config.patch_size else [])
     for stride in strides:
@@ -625,11 +646,12 @@ def _run_bench(
         _say(f"  alternative (skip {alt['skip']}): {alt['frames_per_s']} frames/s, {alt['scored_patch_share']:.0%} scored, "
              f"EER {alt.get('eer')} AUC {alt.get('auc')}")
 
-    if torch.cuda.is_available():
+    if on_cuda:
         result["cuda"] = cuda_section(loaded, channels, m["gflops_per_frame"] * 1e9, quick)
 
     if service:
-        result.update(service_section(weights_dir, version, footage, m["frames_per_s"], quick, stream_seconds, flow))
+        result.update(service_section(weights_dir, version, footage, m["frames_per_s"], quick, stream_seconds, flow,
+                                      device))
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -647,9 +669,10 @@ def cuda_section(loaded: registry.LoadedVersion, channels: np.ndarray, flops: fl
             scorer = scorer_for(loaded, "cuda", precision=precision, cuda_graphs=graphs)
             diff = ((scorer.raw_scores(patches) - reference).abs().amax(0) / spread).tolist()
             by_batch = {}
-            for frames in FRAMES_PER_BATCH_TRIED if not quick else (1, 16):
-                x = patches[: frames * (patches.shape[0] // 16)]
-                seconds = _best_seconds(lambda: scorer.raw_scores(x), 0.1 if quick else 0.5, 1 if quick else 3)
+            for frames in FRAMES_PER_BATCH_TRIED + CUDA_FRAMES_PER_BATCH_TRIED if not quick else (1, 16):
+                per_frame = patches.shape[0] // 16
+                x = patches[torch.arange(frames * per_frame) % patches.shape[0]]
+                seconds = _best_seconds(lambda: scorer.raw_scores(x), 0.1 if quick else 0.5, 1 if quick else 3)  # returns on the CPU: synchronized
                 by_batch[str(frames)] = round(frames / seconds, 1)
             best = max(by_batch.values())
             run = {"precision": precision, "cuda_graphs": graphs, "frames_per_s": best,
@@ -661,11 +684,13 @@ def cuda_section(loaded: registry.LoadedVersion, channels: np.ndarray, flops: fl
 
 
 def service_section(weights_dir: Path, version: str, footage: Footage, model_fps: float, quick: bool,
-                    stream_seconds: float | None, flow: str = "farneback") -> dict[str, Any]:
+                    stream_seconds: float | None, flow: str | None = None,
+                    device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with served_weights(weights_dir, version) as served, tempfile.TemporaryDirectory(prefix="vad-bench-") as tmp:
         clips = [write_clip(Path(tmp) / f"{name}.avi", gray[: (16 if quick else None)]) for name, gray, _, _ in footage.clips]
-        server = ServerProcess(served, {"VAD_FLOW_PRESET": flow})
+        env = {"VAD_DEVICE": str(device), **({"VAD_FLOW_PRESET": flow} if flow else {})}
+        server = ServerProcess(served, env)
         try:
             server.wait_ready()
             runs = [service_clips(server, clips, c) for c in ((1,) if quick else (1, 2))]

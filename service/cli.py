@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from model.config import SCORE_MODES
+from model.config import FLOW_PRESET_NAMES, SCORE_MODES, ModelConfig
 
 DEFAULT_WEIGHTS = os.environ.get("VAD_WEIGHTS_DIR")
 
@@ -33,10 +33,12 @@ def _write_json(path: str, data: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from model.config import ModelConfig, TrainConfig
+    from model.config import TrainConfig
     from model.train import train
 
     model_fields: dict[str, Any] = {"input_mode": args.input_mode}
+    if args.flow_preset:
+        model_fields["flow_preset"] = args.flow_preset
     if args.patch_size:
         model_fields["patch_size"] = args.patch_size
     if args.stride:
@@ -149,7 +151,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(_weights_dir(args.weights), args.version, quick=args.quick,
                        dataset_root=Path(args.root) if args.root else None, eval_clips=clips,
                        naive_frames=args.naive_frames, stream_seconds=args.stream_seconds,
-                       service=not args.no_service, ablate=not args.no_ablation, flow=args.flow)
+                       service=not args.no_service, ablate=not args.no_ablation, flow=args.flow,
+                       device=args.device)
     if args.json:
         _write_json(args.json, result)
     return 0
@@ -171,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weights", help="weights folder (default: VAD_WEIGHTS_DIR or the bundled weights/)")
     train.add_argument("--input-mode", default="appearance+flow",
                        choices=["appearance", "appearance+motion", "appearance+flow"])
+    train.add_argument("--flow-preset", choices=list(FLOW_PRESET_NAMES),
+                       help=f"optical flow of appearance+flow input (default {ModelConfig.flow_preset})")
     train.add_argument("--patch-size", type=int)
     train.add_argument("--stride", type=int, help="patch stride when scoring (default 30)")
     train.add_argument("--latent-dim", type=int)
@@ -233,12 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, figures not meaningful")
     bench.add_argument("--root", help="UCSD Ped2 folder (default: VAD_PED2_ROOT or ../shared/datasets/ped2)")
     bench.add_argument("--clips", help="comma-separated Ped2 test clips for the full path and service (default: all 12)")
-    bench.add_argument("--naive-frames", type=int, help="frames the per-patch loop scores (default 24)")
+    bench.add_argument("--naive-frames", type=int, help="frames the per-patch loop scores (default 48)")
     bench.add_argument("--stream-seconds", type=float, help="seconds each WebSocket trial sends (default 10)")
     bench.add_argument("--no-service", action="store_true", help="skip the server and stream sections")
     bench.add_argument("--no-ablation", action="store_true", help="skip measuring each optimisation in turn")
-    bench.add_argument("--flow", default="farneback", choices=["farneback", "farneback-1iter", "farneback-half"],
-                       help="optical-flow preset of the input (appearance+flow; changes the model's input)")
+    bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: CUDA when available, as vad serve)")
+    bench.add_argument("--flow", choices=list(FLOW_PRESET_NAMES),
+                       help="override the version's optical-flow preset (appearance+flow; changes the model's input)")
     bench.set_defaults(func=cmd_bench)
 
     worker = sub.add_parser("worker", help="run queued training jobs (POST /v1/training-jobs) until stopped")

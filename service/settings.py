@@ -14,7 +14,9 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.config import FlowPreset
 from model.registry import BUNDLED_WEIGHTS_DIR
+from model.scoring import SkipUnchanged
 
 MiB = 1024 * 1024
 DropPolicy = Literal["drop_oldest", "reject_newest"]
@@ -35,14 +37,14 @@ class Settings(BaseSettings):
     skip_unchanged: bool = Field(
         True, description="Reuse a patch's scores while its input stays within VAD_SKIP_LEVEL/VAD_SKIP_SHARE of the patch as last scored (static cameras).",
     )
-    skip_level: int = Field(16, ge=0, le=255, description="Grey levels a pixel value may differ by and still count as unchanged.")
-    skip_share: float = Field(0.01, ge=0, lt=1, description="Share of a patch's values that may change before it is rescored.")
+    skip_level: int = Field(SkipUnchanged.level, ge=0, le=255, description="Grey levels a pixel value may differ by and still count as unchanged.")
+    skip_share: float = Field(SkipUnchanged.share, ge=0, lt=1, description="Share of a patch's values that may change before it is rescored.")
     precision: Literal["float32", "bf16", "fp16"] = Field(
         "float32", description="CUDA only: autocast precision of the networks (CPU always float32).",
     )
     cuda_graphs: bool = Field(False, description="CUDA only: replay captured CUDA graphs per batch-size bucket.")
-    flow_preset: Literal["farneback", "farneback-1iter", "farneback-half"] = Field(
-        "farneback", description="appearance+flow versions: optical-flow preset of the input (versions are trained with farneback).",
+    flow_preset: FlowPreset | None = Field(
+        None, description="appearance+flow versions: override the version's own optical-flow preset (changes the model's input; unset = the version's).",
     )
     inference_backend: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="CPU only: auto (ONNX Runtime when installed, else torch), torch or onnxruntime.",

@@ -168,7 +168,7 @@ def job_config(settings: Settings, options: TrainingOptions) -> dict[str, Any]:
         if options.parent_version:
             try:
                 manifest = registry.read_manifest(settings.weights_dir, options.parent_version)
-                model_config = ModelConfig.from_dict(manifest["model_config"])
+                model_config = ModelConfig.from_saved(manifest["model_config"])
             except (registry.RegistryError, KeyError, TypeError) as exc:
                 raise InvalidJobRequest(f"options.parent_version: {exc}") from exc
             if options.input_mode and options.input_mode != model_config.input_mode:
@@ -199,7 +199,7 @@ def configs_of(job: Job) -> tuple[ModelConfig, TrainConfig]:
     train_fields = dict(job.config["train_config"])
     if "reject_band" in train_fields:
         train_fields["reject_band"] = tuple(train_fields["reject_band"])
-    return ModelConfig.from_dict(job.config["model_config"]), TrainConfig(**train_fields)
+    return ModelConfig.from_saved(job.config["model_config"]), TrainConfig(**train_fields)
 
 
 # -- the submission form --------------------------------------------------------------------------

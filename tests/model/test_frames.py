@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.frames import encode_frames, to_model_input
+from model.config import FLOW_PRESET_NAMES, ConfigError, ModelConfig
+from model.frames import FLOW_PRESETS, encode_frames, to_model_input
 
 
 def test_appearance_is_the_frame_itself() -> None:
@@ -43,3 +43,27 @@ def test_model_input_scale() -> None:
 def test_bad_frames_are_refused() -> None:
     with pytest.raises(ValueError, match="uint8"):
         encode_frames(np.zeros((2, 4, 4), dtype=np.float32), ModelConfig())
+
+
+def test_the_flow_preset_is_part_of_the_config() -> None:
+    """encode_frames uses the config's preset; presets really differ; an override wins."""
+    assert tuple(FLOW_PRESETS) == FLOW_PRESET_NAMES  # every name ModelConfig accepts has settings
+    gray = np.full((2, 64, 64), 80, dtype=np.uint8)
+    gray[0, 20:36, 10:26] = 220
+    gray[1, 20:36, 13:29] = 220
+    base = {"input_mode": "appearance+flow", "patch_size": 16, "stride": 16}
+    three = encode_frames(gray, ModelConfig(**base, flow_preset="farneback"))
+    one = encode_frames(gray, ModelConfig(**base, flow_preset="farneback-1iter"))
+    assert not np.array_equal(three, one)
+    assert np.array_equal(encode_frames(gray, ModelConfig(**base, flow_preset="farneback-1iter"), flow="farneback"), three)
+    with pytest.raises(ConfigError, match="flow_preset"):
+        ModelConfig(**base, flow_preset="lucas-kanade")  # type: ignore[arg-type]
+
+
+def test_settings_saved_before_the_flow_preset_existed_keep_their_flow() -> None:
+    saved = ModelConfig(input_mode="appearance+flow").to_dict()
+    assert saved["flow_preset"] == "farneback-1iter"
+    assert ModelConfig.from_saved(saved).flow_preset == "farneback-1iter"
+    del saved["flow_preset"]
+    assert ModelConfig.from_saved(saved).flow_preset == "farneback"  # what they were trained with
+    assert ModelConfig.from_dict(saved).flow_preset == "farneback-1iter"  # new settings: today's default

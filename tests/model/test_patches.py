@@ -34,3 +34,15 @@ def test_patch_order_is_frame_then_row_major() -> None:
 def test_wrong_rank_is_refused() -> None:
     with pytest.raises(ValueError, match=r"\(T, C, H, W\)"):
         to_patches(torch.zeros(1, 30, 30), 30, 30)
+
+
+@pytest.mark.parametrize("size,patch,stride", [((240, 360), 30, 30), ((50, 77), 30, 30), ((64, 96), 16, 8)])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_every_patch_is_the_frame_slice_at_its_grid_position(size, patch: int, stride: int, dtype) -> None:
+    """Exact tilings take a reshape, others a gather: both give the slices themselves, in order."""
+    frames = (torch.rand(2, 2, *size) * 255).to(dtype)
+    patches, grid = to_patches(frames, patch, stride)
+    expected = [frames[t, :, y : y + patch, x : x + patch] for t in range(2)
+                for y in axis_positions(size[0], patch, stride) for x in axis_positions(size[1], patch, stride)]
+    assert patches.dtype == dtype and patches.is_contiguous()
+    assert torch.equal(patches, torch.stack(expected))

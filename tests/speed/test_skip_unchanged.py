@@ -133,15 +133,48 @@ def test_a_frame_with_nothing_to_score_takes_an_empty_job() -> None:
     np.testing.assert_array_equal(result.map, first[1].map)
 
 
-def test_the_flow_preset_is_an_option_of_the_scorer() -> None:
-    """A cheaper optical flow changes the input (so the scores), and only when asked for."""
+def test_the_flow_preset_is_the_versions_own_unless_overridden() -> None:
+    """The scorer encodes with the version's flow preset; an override changes the input (so the
+    scores), and only when asked for."""
     scorer = _scorer("appearance+flow")
+    assert scorer.flow == scorer.config.flow_preset == "farneback-1iter"
     frames = np.repeat(_background()[None], 3, axis=0)
     frames[1:, 10:30, 10:30] = 250
     frames[2, 10:30, 14:34] = 250
     default, _ = _run(scorer, frames, None, [3])
-    scorer.flow = "farneback-1iter"
-    cheaper, _ = _run(scorer, frames, None, [3])
+    overridden = Scorer(scorer.refiner, scorer.detector, scorer.config, scorer.calibration, flow="farneback")
+    assert overridden.flow == "farneback"
+    cheaper, _ = _run(overridden, frames, None, [3])
     assert any(a.score != b.score for a, b in zip(default, cheaper))
     with pytest.raises(ValueError, match="flow preset"):
         Scorer(scorer.refiner, scorer.detector, scorer.config, scorer.calibration, flow="lucas-kanade")
+
+
+def _moving_square(count: int) -> np.ndarray:
+    frames = np.repeat(_background(3)[None], count, axis=0)
+    for t in range(count):
+        x = 2 + 3 * t
+        frames[t, 12:28, x : x + 12] = 240
+    return frames
+
+
+@pytest.mark.parametrize("input_mode", ["appearance+motion", "appearance+flow"])
+def test_score_clip_scores_like_the_same_chunks_fed_by_hand(input_mode: str) -> None:
+    scorer = _scorer(input_mode)
+    frames = _moving_square(14)
+    chunked, _ = _run(scorer, frames, SkipUnchanged(), [4, 4, 4, 2])
+    clip = list(FrameStream(scorer, skip=SkipUnchanged()).score_clip(frames, 4))
+    assert [r.index for r in clip] == list(range(14))
+    np.testing.assert_array_equal([r.score for r in clip], [r.score for r in chunked])
+
+
+def test_a_patch_is_changed_past_level_and_share_only() -> None:
+    skip = SkipUnchanged(level=16, share=0.01)  # 200 values: more than 2 must move by more than 16
+    reference = torch.full((4, 200), 100, dtype=torch.uint8)
+    patches = reference.clone()
+    patches[0, :3] = 117  # 3 values by 17: changed
+    patches[1, :2] = 200  # 2 values, however far: unchanged
+    patches[2, :50] = 116  # by exactly 16: unchanged
+    patches[3, :3] = 83  # downwards counts too (no uint8 wrap-around)
+    assert skip.changed(patches, reference).tolist() == [0, 3]
+    assert SkipUnchanged(level=0, share=0).changed(patches, reference).tolist() == [0, 1, 2, 3]
