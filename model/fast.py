@@ -367,8 +367,9 @@ class InferenceEngine:
       scores). Chunks of at most ``batch_size`` patches.
     - CUDA: ``precision`` float32 (default), bf16 or fp16 autocast; ``cuda_graphs`` replays captured
       graphs per power-of-two batch bucket (launch overhead of ~25 small kernels per batch gone). Both
-      are options because they are not measured on this project's CPU-only machines: `vad bench` on a
-      GPU machine reports them and the score difference to float32 (docs/speed.md).
+      are options, off by default: on an H200 they sped up the networks (fp16 +67%, graphs 2-4x at one
+      frame per batch) but not the service, which the CPU's decoding and optical flow bound there;
+      float32 keeps the scores the CPU-calibrated thresholds expect (docs/speed.md).
     """
 
     def __init__(self, refiner: Refiner, detector: Detector, device: torch.device | str = "cpu",
