@@ -13,19 +13,12 @@ from typing import Any
 import pytest
 
 from model import registry
-from model.config import ModelConfig, TrainConfig
+from model.config import TrainConfig
 from model.train import train
 from service.settings import Settings
 from tests.conftest import synthetic_frames, write_frames, write_video
-from tests.jobs.helpers import LiveServer, WorkerProcess
-
-TINY_MODEL = ModelConfig(
-    input_mode="appearance+motion", patch_size=16, stride=16, latent_dim=8,
-    refiner_channels=(4, 8, 8), detector_channels=(4, 8, 8),
-)
-# Jobs train with these (VAD_TRAINING_CONFIG); patience is high so a job runs the epochs it asks for.
-TINY_TRAINING = dict(patches_per_epoch=256, batch_size=32, max_epochs=1, holdout_patches=64,
-                     detector_polish_epochs=0, patience=1000)
+from tests.jobs.helpers import WorkerProcess
+from tests.support import TINY_JOB_TRAINING, TINY_MODEL, LiveServer
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +27,7 @@ def base_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("jobs-base")
     clip = write_video(root / "base.avi", synthetic_frames(24, seed=11))
     weights = root / "weights"
-    result = train([clip], weights, TINY_MODEL, TrainConfig(**TINY_TRAINING), device="cpu", show_progress_bar=False)
+    result = train([clip], weights, TINY_MODEL, TrainConfig(**TINY_JOB_TRAINING), device="cpu", show_progress_bar=False)
     assert result.version == "v0001"
     registry.set_active_version(weights, "v0001")
     return weights
@@ -62,7 +55,7 @@ class JobEnv:
         self.values: dict[str, Any] = {
             "weights_dir": str(weights), "data_dir": str(self.data), "footage_root": str(self.footage),
             "device": "cpu", "job_lease_s": 3.0, "job_heartbeat_s": 0.5, "job_poll_interval_s": 0.25,
-            "job_max_attempts": 3, "training_model_config": TINY_MODEL.to_dict(), "training_config": TINY_TRAINING,
+            "job_max_attempts": 3, "training_model_config": TINY_MODEL.to_dict(), "training_config": TINY_JOB_TRAINING,
             "max_queue_delay_ms": 2.0, "log_level": "info",
         }
         self.servers: list[LiveServer] = []

@@ -1,73 +1,21 @@
-"""Helpers for the training-job tests: a real uvicorn server on a free loopback port (in a thread),
-real `vad worker` subprocesses, and polling."""
+"""Helpers for the training-job tests: real `vad worker` subprocesses, and polling."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 
-from service.app import create_app
-from service.server import uvicorn_config
-from service.settings import Settings
+from tests.support import settings_env
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class LiveServer:
-    """create_app(settings) under uvicorn in a thread, on a free 127.0.0.1 port."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.app = create_app(settings)
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.bind(("127.0.0.1", 0))
-        self.port = self._socket.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn_config(self.app, settings, "127.0.0.1", self.port, log_level="warning"))
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "LiveServer":
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self._thread.join(timeout=15)
-        self._socket.close()
-
-
-def settings_env(values: dict[str, Any]) -> dict[str, str]:
-    """Settings field values as the VAD_* environment variables a worker reads."""
-    env = {}
-    for name, value in values.items():
-        if isinstance(value, (dict, list)):
-            text = json.dumps(value)
-        elif isinstance(value, bool):
-            text = "true" if value else "false"
-        else:
-            text = str(value)
-        env[f"VAD_{name.upper()}"] = text
-    return env
 
 
 class WorkerProcess:

@@ -6,31 +6,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-import uvicorn
 from fastapi.testclient import TestClient
 
-from model import registry
-from model.config import ModelConfig, TrainConfig
+from model.config import TrainConfig
 from service.app import create_app
-from service.server import uvicorn_config
 from service.settings import Settings
 from tests.reliability.helpers import ServerProcess, frames, write_video
-
-TINY_MODEL = ModelConfig(
-    input_mode="appearance+motion", patch_size=16, stride=16, latent_dim=8,
-    refiner_channels=(4, 8, 8), detector_channels=(4, 8, 8),
-)
-TINY_TRAINING = dict(patches_per_epoch=256, batch_size=32, max_epochs=1, holdout_patches=64,
-                     detector_polish_epochs=0, patience=1000)
+from tests.support import TINY_JOB_TRAINING, TINY_MODEL, LiveServer, publish_second_version
 
 
 @pytest.fixture(scope="session")
@@ -41,15 +28,9 @@ def reliability_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("reliability")
     clip = write_video(root / "normal.avi", frames(24, seed=11), "MJPG")
     weights = root / "weights"
-    result = train([clip], weights, TINY_MODEL, TrainConfig(**TINY_TRAINING), device="cpu", show_progress_bar=False)
+    result = train([clip], weights, TINY_MODEL, TrainConfig(**TINY_JOB_TRAINING), device="cpu", show_progress_bar=False)
     assert result.version == "v0001"
-    loaded = registry.load_version(weights, "v0001")
-    with torch.no_grad():
-        loaded.detector.head.bias += 3.0
-    inherited = {k: v for k, v in loaded.manifest.items()
-                 if k not in ("format", "created_at", "package_version", "weights_sha256", "version")}
-    assert registry.publish(weights, loaded.refiner, loaded.detector, {**inherited, "parent_version": "v0001"}) == "v0002"
-    registry.set_active_version(weights, "v0001")
+    publish_second_version(weights, detector_bias_shift=3.0)
     return weights
 
 
@@ -70,7 +51,7 @@ def base_values(weights_dir: Path, tmp_path: Path) -> dict[str, Any]:
     """Settings shared by a test's server(s) and workers."""
     return {
         "weights_dir": str(weights_dir), "data_dir": str(tmp_path / "data"), "device": "cpu",
-        "max_queue_delay_ms": 2.0, "training_model_config": TINY_MODEL.to_dict(), "training_config": TINY_TRAINING,
+        "max_queue_delay_ms": 2.0, "training_model_config": TINY_MODEL.to_dict(), "training_config": TINY_JOB_TRAINING,
         "job_lease_s": 3.0, "job_heartbeat_s": 0.5, "job_poll_interval_s": 0.25,
     }
 
@@ -101,48 +82,6 @@ def make_client(make_settings: Callable[..., Settings]) -> Iterator[Callable[...
 @pytest.fixture
 def client(make_client: Callable[..., TestClient]) -> TestClient:
     return make_client()
-
-
-class LiveServer:
-    """create_app(settings) under uvicorn in a thread on a free loopback port; ``wrap`` may put an
-    ASGI wrapper (e.g. a byte counter) around the app."""
-
-    def __init__(self, settings: Settings, wrap: Callable[[Any], Any] | None = None) -> None:
-        self.settings = settings
-        self.app = create_app(settings)
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind(("127.0.0.1", 0))
-        self.port = self._socket.getsockname()[1]
-        served = wrap(self.app) if wrap else self.app
-        self.server = uvicorn.Server(uvicorn_config(served, settings, "127.0.0.1", self.port, log_level="warning"))
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    @property
-    def services(self) -> Any:
-        return self.app.state.services
-
-    def start(self) -> "LiveServer":
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self._thread.join(timeout=15)
-        self._socket.close()
 
 
 @pytest.fixture

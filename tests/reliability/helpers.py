@@ -20,6 +20,8 @@ import cv2
 import httpx
 import numpy as np
 
+from tests.support import settings_env
+
 REPO = Path(__file__).resolve().parents[2]
 HEIGHT, WIDTH, PATCH = 64, 96, 16
 # Never in a response body: stack traces and server paths.
@@ -114,21 +116,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def settings_env(values: dict[str, Any]) -> dict[str, str]:
-    import json
-
-    env = {}
-    for name, value in values.items():
-        if isinstance(value, (dict, list)):
-            text = json.dumps(value)
-        elif isinstance(value, bool):
-            text = "true" if value else "false"
-        else:
-            text = str(value)
-        env[f"VAD_{name.upper()}"] = text
-    return env
 
 
 def rss_kib(pid: int) -> int:

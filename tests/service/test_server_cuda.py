@@ -9,6 +9,7 @@ import torch
 
 from model import registry
 from svc_helpers import synthetic_frames, write_avi
+from tests.support import inherited_manifest
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device: the GPU path is checked on a GPU machine (docs/speed.md)")
@@ -26,10 +27,8 @@ def network_served_weights(tmp_path: Path) -> Path:
     center, scale = calibration["component_center"]["d_r_x"], calibration["component_scale"]["d_r_x"]
     calibration.update(score_mode="d_r_x", smoothing_frames=1, threshold=center + 3 * scale,
                        reject_band=[center + 2.5 * scale, center + 3.5 * scale], map_width=scale)
-    inherited = {k: v for k, v in loaded.manifest.items()
-                 if k not in ("format", "created_at", "package_version", "weights_sha256", "version")}
     weights = tmp_path / "network-served"
-    registry.publish(weights, loaded.refiner, loaded.detector, {**inherited, "calibration": calibration})
+    registry.publish(weights, loaded.refiner, loaded.detector, {**inherited_manifest(loaded.manifest), "calibration": calibration})
     return weights
 
 

@@ -10,21 +10,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
-from model import registry
-from service.app import create_app
-from service.server import uvicorn_config
 from service.settings import Settings
+from tests.support import LiveServer, publish_second_version
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -69,7 +63,9 @@ def chromium_path() -> Path:
     return CHROMIUM
 
 
-@pytest.fixture(scope="session")
+# package scope: Playwright's sync API keeps an event loop running in the main thread while it is
+# open, and a suite collected after this one (asyncio.run in tests/service) must not find it there
+@pytest.fixture(scope="package")
 def browser(chromium_path: Path) -> Iterator[Any]:
     sync_api = pytest.importorskip(
         "playwright.sync_api", reason="UI tests need Playwright: pip install -e '.[test]'"
@@ -134,48 +130,11 @@ def _no_vad_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-class LiveServer:
-    """The app under a real uvicorn server, in a thread, on a free 127.0.0.1 port."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.app = create_app(settings)
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind(("127.0.0.1", 0))
-        self.port = self._socket.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn_config(self.app, settings, "127.0.0.1", self.port, log_level="warning"))
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "LiveServer":
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self._thread.join(timeout=15)
-        self._socket.close()
-
-
 @pytest.fixture(scope="session")
 def ui_weights(trained_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The session's tiny trained version (v0001, ACTIVE) and a second version v0002 to switch to."""
     weights = Path(shutil.copytree(trained_weights, tmp_path_factory.mktemp("ui") / "weights"))
-    loaded = registry.load_version(weights, "v0001")
-    inherited = {
-        k: v for k, v in loaded.manifest.items()
-        if k not in ("format", "created_at", "package_version", "weights_sha256", "version")
-    }
-    assert registry.publish(weights, loaded.refiner, loaded.detector, {**inherited, "parent_version": "v0001"}) == "v0002"
-    registry.set_active_version(weights, "v0001")
+    publish_second_version(weights)
     return weights
 
 
