@@ -7,12 +7,13 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import uvicorn
+from fastapi.testclient import TestClient
 
 from model import registry
 from model.config import ModelConfig
@@ -102,3 +103,32 @@ class LiveServer:
         self.server.should_exit = True
         self._thread.join(timeout=15)
         self._socket.close()
+
+
+def started_clients(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., TestClient]]:
+    """For a fixture: make(**settings) -> a started TestClient (lifespan run); all closed after."""
+    clients: list[TestClient] = []
+
+    def make(**overrides: Any) -> TestClient:
+        client = TestClient(create_app(make_settings(**overrides)), raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def started_servers(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., LiveServer]]:
+    """For a fixture: start(wrap=None, **settings) -> a started LiveServer; all stopped after."""
+    servers: list[LiveServer] = []
+
+    def start(wrap: Callable[[Any], Any] | None = None, **overrides: Any) -> LiveServer:
+        server = LiveServer(make_settings(**overrides), wrap).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

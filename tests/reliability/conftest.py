@@ -14,10 +14,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from model.config import TrainConfig
-from service.app import create_app
 from service.settings import Settings
 from tests.reliability.helpers import ServerProcess, frames, write_video
-from tests.support import TINY_JOB_TRAINING, TINY_MODEL, LiveServer, publish_second_version
+from tests.support import (
+    TINY_JOB_TRAINING, TINY_MODEL, LiveServer, publish_second_version, started_clients, started_servers,
+)
 
 
 @pytest.fixture(scope="session")
@@ -66,17 +67,8 @@ def make_settings(base_values: dict[str, Any]) -> Callable[..., Settings]:
 
 @pytest.fixture
 def make_client(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., TestClient]]:
-    clients: list[TestClient] = []
-
-    def make(**overrides: Any) -> TestClient:
-        client = TestClient(create_app(make_settings(**overrides)), raise_server_exceptions=False)
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
+    """make_client(**settings) -> a started TestClient (lifespan run); all are closed at teardown."""
+    yield from started_clients(make_settings)
 
 
 @pytest.fixture
@@ -86,16 +78,8 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
 
 @pytest.fixture
 def live_server(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., LiveServer]]:
-    servers: list[LiveServer] = []
-
-    def start(wrap: Callable[[Any], Any] | None = None, **overrides: Any) -> LiveServer:
-        server = LiveServer(make_settings(**overrides), wrap).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+    """live_server(wrap=None, **settings) -> a started uvicorn server; all are stopped at teardown."""
+    yield from started_servers(make_settings)
 
 
 @pytest.fixture

@@ -14,10 +14,9 @@ from fastapi.testclient import TestClient
 
 from model.config import TrainConfig
 from model.train import train
-from service.app import create_app
 from service.settings import Settings
 from svc_helpers import PATCH, synthetic_frames
-from tests.support import TINY_MODEL, LiveServer, publish_second_version
+from tests.support import TINY_MODEL, LiveServer, publish_second_version, started_clients, started_servers
 
 TINY_TRAINING = TrainConfig(
     patches_per_epoch=256, batch_size=32, max_epochs=1, holdout_patches=64, detector_polish_epochs=0,
@@ -72,17 +71,7 @@ def make_settings(weights_dir: Path) -> Callable[..., Settings]:
 @pytest.fixture
 def make_client(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., TestClient]]:
     """make_client(**settings) -> a started TestClient (lifespan run); all are closed at teardown."""
-    clients: list[TestClient] = []
-
-    def make(**overrides: object) -> TestClient:
-        client = TestClient(create_app(make_settings(**overrides)), raise_server_exceptions=False)
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.__exit__(None, None, None)
+    yield from started_clients(make_settings)
 
 
 @pytest.fixture
@@ -92,13 +81,5 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
 
 @pytest.fixture
 def live_server(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., LiveServer]]:
-    servers: list[LiveServer] = []
-
-    def start(**overrides: object) -> LiveServer:
-        server = LiveServer(make_settings(**overrides)).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+    """live_server(wrap=None, **settings) -> a started uvicorn server; all are stopped at teardown."""
+    yield from started_servers(make_settings)
