@@ -235,7 +235,7 @@ class FrameStream:
         self.previous: np.ndarray | None = None
         self.window: deque[float] = deque(maxlen=max(1, self.calibration.smoothing_frames))
         self.next_index = 0
-        self.skip: SkipUnchanged | None = getattr(scorer, "skip", None) if skip == "scorer" else skip  # type: ignore[assignment]
+        self.skip: SkipUnchanged | None = scorer.skip if skip == "scorer" else skip  # type: ignore[assignment]
         self._reference: torch.Tensor | None = None  # (patches per frame, values) uint8 as last scored
         self._reference_raw: torch.Tensor | None = None  # (patches per frame, components) from then
         self._plan: tuple[torch.Tensor, torch.Tensor] | None = None  # prepared, not yet finished
