@@ -32,6 +32,15 @@ def _write_json(path: str, data: Any) -> None:
     os.replace(temporary, target)
 
 
+def _device(value: str) -> str:
+    """--device: the values VAD_DEVICE takes, refused at parse time like any bad option."""
+    from service.settings import DEVICE_PATTERN
+
+    if not DEVICE_PATTERN.match(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not one of auto, cpu, mps, cuda, cuda:N")
+    return value
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from model.config import TrainConfig
     from model.train import train
@@ -189,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--smoothing", dest="smoothing_frames", type=int, help="causal window (frames)")
     train.add_argument("--false-alarm-rate", type=float, help="share of normal frames above tau")
     train.add_argument("--seed", type=int)
-    train.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when available)")
+    train.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     train.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
     train.add_argument("--parent", help="fine-tune from this version")
     train.add_argument("--reject-and-refine", action="store_true",
@@ -213,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="write the summary JSON here")
     evaluate.add_argument("--plots", default="artifacts/eval", help="folder for one PNG per test clip")
     evaluate.add_argument("--record", action="store_true", help="store the figures in the version's manifest")
-    evaluate.add_argument("--device")
+    evaluate.add_argument("--device", type=_device)
     evaluate.set_defaults(func=cmd_eval)
 
     detect = sub.add_parser("detect", help="score a clip offline with the active version")
@@ -222,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--version")
     detect.add_argument("--weights")
     detect.add_argument("--no-maps", action="store_true")
-    detect.add_argument("--device")
+    detect.add_argument("--device", type=_device)
     detect.set_defaults(func=cmd_detect)
 
     serve = sub.add_parser("serve", help="run the HTTP/WebSocket server")
@@ -242,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--stream-seconds", type=float, help="seconds each WebSocket trial sends (default 10)")
     bench.add_argument("--no-service", action="store_true", help="skip the server and stream sections")
     bench.add_argument("--no-ablation", action="store_true", help="skip measuring each optimisation in turn")
-    bench.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: CUDA when available, as vad serve)")
+    bench.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:1 (default: CUDA when available, as vad serve)")
     bench.add_argument("--flow", choices=list(FLOW_PRESET_NAMES),
                        help="override the version's optical-flow preset (appearance+flow; changes the model's input)")
     bench.set_defaults(func=cmd_bench)
@@ -250,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run queued training jobs (POST /v1/training-jobs) until stopped")
     worker.add_argument("--weights", help="weights folder (default: VAD_WEIGHTS_DIR or the bundled weights/)")
     worker.add_argument("--data-dir", help="job queue and footage folder (default: VAD_DATA_DIR or ./data)")
-    worker.add_argument("--device", help="cpu, cuda, cuda:1 (default: VAD_DEVICE, auto)")
+    worker.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 (default: VAD_DEVICE, auto)")
     worker.add_argument("--once", action="store_true", help="run at most one job, then exit")
     worker.set_defaults(func=cmd_worker)
     return parser

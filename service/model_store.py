@@ -86,12 +86,12 @@ def resolve_device(requested: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"VAD_DEVICE={requested} but CUDA is not available")
+            raise ValueError(f"device {requested} asked for (VAD_DEVICE, --device), but CUDA is not available")
         index = int(requested.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
-            raise ValueError(f"VAD_DEVICE={requested} but only {torch.cuda.device_count()} GPU(s) are visible")
+            raise ValueError(f"device {requested} asked for (VAD_DEVICE, --device), but only {torch.cuda.device_count()} GPU(s) are visible")
     if requested == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("VAD_DEVICE=mps but MPS is not available")
+        raise ValueError("device mps asked for (VAD_DEVICE, --device), but MPS is not available")
     return requested
 
 

@@ -7,6 +7,9 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+import torch
+
 from service.cli import main
 
 
@@ -32,3 +35,15 @@ def test_quick_bench_writes_every_key(trained_weights: Path, tmp_path: Path) -> 
     assert isinstance(data["max_realtime_streams"], int) and data["max_realtime_streams"] >= 0
     assert positive(data["peak_rss_mb"])
     assert data["full"]["frames"] > 0 and 0 < data["full"]["scored_patch_share"] <= 1
+
+
+def test_a_device_that_is_not_there_is_refused_before_anything_runs(trained_weights: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--quick", "--device", "tpu", "--weights", str(trained_weights), "--json", str(out)])
+    assert exit_info.value.code == 2 and "'tpu' is not one of" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", "--quick", "--device", "cuda", "--weights", str(trained_weights), "--json", str(out)]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert not out.exists()  # nothing written
