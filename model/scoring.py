@@ -241,6 +241,9 @@ class FrameStream:
         self._plan: tuple[torch.Tensor, torch.Tensor] | None = None  # prepared, not yet finished
         self.patches_seen = 0
         self.patches_scored = 0
+        # every patch's raw components of the last finished chunk, reused ones filled in: what the
+        # score of any mode is computed from (docs/speed.md measures each mode's EER with it)
+        self.last_raw: torch.Tensor | None = None
 
     def prepare(self, gray: np.ndarray) -> tuple[torch.Tensor, GridShape, int]:
         """(T, H, W) uint8 frames -> (patches to score, grid, T); advances the motion state."""
@@ -295,6 +298,7 @@ class FrameStream:
                 raw = known.new_zeros(0, known.shape[1])  # nothing changed (an empty job's width may differ)
             raw = torch.cat([known.to(raw.dtype), raw])[source.flatten()]
             self._reference, self._reference_raw = reference, raw[-per_frame:].clone()
+        self.last_raw = raw
         cal = self.calibration
         scores = patch_scores(raw, cal.score_mode, cal).view(frame_count, grid.rows, grid.cols)
         maps = torch.sigmoid((scores - cal.threshold) / cal.map_width).numpy()

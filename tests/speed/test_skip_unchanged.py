@@ -168,6 +168,20 @@ def test_score_clip_scores_like_the_same_chunks_fed_by_hand(input_mode: str) -> 
     np.testing.assert_array_equal([r.score for r in clip], [r.score for r in chunked])
 
 
+def test_last_raw_holds_every_patch_of_the_last_chunk_reused_ones_included() -> None:
+    scorer = _scorer("appearance+motion")
+    frames = _moving_square(6)
+    full = FrameStream(scorer, skip=None)
+    full.score(frames)
+    skipped = FrameStream(scorer, skip=SkipUnchanged())
+    skipped.score(frames[:3])
+    results = skipped.score(frames[3:])
+    assert skipped.patches_scored < skipped.patches_seen  # some patches were reused
+    assert skipped.last_raw.shape == (3 * 12, 4)
+    torch.testing.assert_close(skipped.last_raw, full.last_raw[-3 * 12 :], rtol=1e-5, atol=1e-6)
+    assert len(results) == 3
+
+
 def test_a_patch_is_changed_past_level_and_share_only() -> None:
     skip = SkipUnchanged(level=16, share=0.01)  # 200 values: more than 2 must move by more than 16
     reference = torch.full((4, 200), 100, dtype=torch.uint8)
