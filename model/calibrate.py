@@ -81,10 +81,10 @@ def fit_calibration(
         component_scale=scale,
         map_width=1.0,
         false_alarm_rate=train_config.false_alarm_rate,
+        fusion_weights=dict(train_config.fusion_weights),
     )
-    scores = np.concatenate(
-        [causal_mean(frame_peaks(raw, draft.score_mode, draft), draft.smoothing_frames) for raw in raws]
-    )
+    per_segment = [causal_mean(frame_peaks(raw, draft.score_mode, draft), draft.smoothing_frames) for raw in raws]
+    scores = np.concatenate(per_segment)
     threshold, band = threshold_from_normal(scores, train_config.false_alarm_rate, train_config.reject_band)
     median = float(np.median(scores))
     return Calibration(
@@ -102,4 +102,21 @@ def fit_calibration(
             "q99": float(np.quantile(scores, 0.99)),
             "frames": float(len(scores)),
         },
+        fusion_weights=dict(train_config.fusion_weights),
+        holdout_check=second_slice_check(per_segment, train_config.false_alarm_rate),
     )
+
+
+def second_slice_check(per_segment: list[np.ndarray], false_alarm_rate: float) -> dict[str, float]:
+    """Does a tau hold beyond the frames it was drawn from? The held-out segments are dealt into two
+    slices (alternately, so both span the footage); tau drawn from each at ``false_alarm_rate`` is
+    applied to the other, and the false-alarm rates measured there are reported."""
+    slices = [per_segment[0::2], per_segment[1::2]]
+    if not slices[1]:
+        return {}
+    rates = []
+    for fit, check in (slices, slices[::-1]):
+        tau = float(np.quantile(np.concatenate(fit), 1 - false_alarm_rate))
+        rates.append(float((np.concatenate(check) > tau).mean()))
+    return {"asked": false_alarm_rate, "slice_a_tau_on_b": round(rates[0], 4),
+            "slice_b_tau_on_a": round(rates[1], 4), "mean": round(float(np.mean(rates)), 4)}

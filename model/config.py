@@ -6,7 +6,7 @@ folder alone (the nanoGPT pattern: one config object, saved with the weights).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, get_args
 
 InputMode = Literal["appearance", "appearance+motion", "appearance+flow"]
@@ -15,6 +15,8 @@ INPUT_MODES: tuple[str, ...] = ("appearance", "appearance+motion", "appearance+f
 SCORE_MODES: tuple[str, ...] = ("d_r_x", "d_x", "reconstruction", "motion", "fused")
 FlowPreset = Literal["farneback", "farneback-1iter", "farneback-half"]
 FLOW_PRESET_NAMES: tuple[str, ...] = get_args(FlowPreset)
+# Pseudo-anomaly kinds of phase two (model/phase_two.py says what each is)
+NEGATIVE_KINDS: tuple[str, ...] = ("average", "speed", "motion_swap", "paste")
 # What versions published before ``flow_preset`` was a setting were trained with (their manifests
 # have no such key).
 LEGACY_FLOW_PRESET = "farneback"
@@ -31,6 +33,12 @@ class ModelConfig:
     Pixel scale: grayscale intensity in [0, 255] maps linearly to [-1, 1] (R2 ends in tanh). The second
     channel (see model/frames.py) is |frame_t - frame_t-1| * ``motion_gain`` or the optical-flow speed
     scaled so ``flow_scale_px`` pixels per frame is full scale, clipped to [0, 255], mapped the same way.
+
+    What a camera's resolution and frame rate must not change: frames are resized to ``frame_height``
+    rows before anything else (None: as they come, versions published before this setting), and the
+    motion channel is scaled by the stream's frame rate over ``reference_fps`` (None: not scaled), so
+    motion means the same speed per unit of time at any frame rate. model/footage_scale.py chooses
+    both, and ``flow_scale_px``, from the normal footage a version is trained on.
     """
 
     input_mode: InputMode = "appearance+motion"
@@ -45,6 +53,8 @@ class ModelConfig:
     # version is trained and served with. One iteration instead of three halves the encoding at the
     # same Ped2 motion AUC (docs/speed.md).
     flow_preset: FlowPreset = "farneback-1iter"
+    frame_height: int | None = None
+    reference_fps: float | None = None
     bn_eps: float = 1e-6
     bn_momentum: float = 0.1  # torch's momentum = 1 - decay; the paper's decay 0.9
 
@@ -57,6 +67,12 @@ class ModelConfig:
             raise ConfigError(f"patch_size must be within 8..128, got {self.patch_size}")
         if not 1 <= self.stride <= self.patch_size:
             raise ConfigError(f"stride must be within 1..patch_size, got {self.stride}")
+        if self.frame_height is not None and self.frame_height < self.patch_size:
+            raise ConfigError(f"frame_height must be at least the patch size {self.patch_size}, got {self.frame_height}")
+        if self.reference_fps is not None and not 0 < self.reference_fps <= 1000:
+            raise ConfigError(f"reference_fps must be within (0, 1000], got {self.reference_fps}")
+        if not self.flow_scale_px > 0:
+            raise ConfigError(f"flow_scale_px must be positive, got {self.flow_scale_px}")
         if self.latent_dim < 1:
             raise ConfigError(f"latent_dim must be positive, got {self.latent_dim}")
         object.__setattr__(self, "refiner_channels", tuple(self.refiner_channels))
@@ -106,19 +122,40 @@ class TrainConfig:
     # patches whose motion channel is multiplied by a factor drawn from `pseudo_speedup` (the same
     # scene, moving faster), labelled "not target" like R's output. See docs/model.md.
     pseudo_anomaly_share: float = 0.25
-    pseudo_speedup: tuple[float, float] = (2.0, 4.0)
+    pseudo_speedup: tuple[float, float] = (1.3, 3.0)
     # Stopping rule: R is kept at its best held-out reconstruction (condition 1); training goes on
     # until D separates real from refined held-out patches with at least this ROC AUC (condition 2)
     # and R has not improved for `patience` epochs.
     separation_target: float = 0.9
     patience: int = 3
-    detector_polish_epochs: int = 2  # D trained further against the frozen best R (see train.py)
+    # D trained further against the frozen best R with R(X) as "fake" (versions up to v0002); phase
+    # two replaces it, since it teaches D exactly the "was refined" cue that makes D(R(X)) fail.
+    detector_polish_epochs: int = 0
+    # Phase two (model/phase_two.py): R frozen, D retrained so that R's output of normal patches is
+    # normal and R's output of pseudo-anomalies is not. R_old is R after epoch ``r_old_epoch``.
+    phase_two_steps: int = 800
+    phase_two_batch_size: int = 64
+    phase_two_learning_rate: float = 1e-4
+    phase_two_ema: float = 0.99  # D's weights are averaged over the steps with this decay
+    # Which pseudo-anomalies D is retrained against: on Ped2, sped-up motion alone gave D(R(X)) the
+    # best ranking; adding the appearance kinds cost 2-6 points of AUC (docs/model.md has the table).
+    phase_two_negatives: tuple[str, ...] = ("speed",)
+    r_old_epoch: int = 1
     false_alarm_rate: float = 0.01  # tau: this share of held-out normal frames is flagged
     reject_band: tuple[float, float] = (0.005, 0.05)  # false-alarm rates bounding "uncertain"
     # The served frame score and its causal window (docs/model.md has every mode's Ped2 figures).
-    score_mode: ScoreMode = "motion"
+    score_mode: ScoreMode = "fused"
     smoothing_frames: int = 5
+    # ``fused``: components standardised on held-out normal frames, summed with these weights. Its
+    # core is the network's D(R(X)); R's reconstruction error adds what R cannot reproduce (objects
+    # of a kind never seen), the motion energy what a 30x30 patch's D misses of speed.
+    fusion_weights: dict[str, float] = field(
+        default_factory=lambda: {"d_r_x": 1.0, "reconstruction": 1.0, "motion": 1.0}
+    )
     seed: int = 0
+    # Choose the processing scale, the flow's full scale and the reference frame rate from the normal
+    # footage (model/footage_scale.py); off = frames as they come, flow_scale_px as set.
+    fit_input_to_footage: bool = True
 
     def __post_init__(self) -> None:
         if self.score_mode not in SCORE_MODES:
@@ -134,5 +171,18 @@ class TrainConfig:
             raise ConfigError(f"pseudo_anomaly_share must be within [0, 1], got {self.pseudo_anomaly_share}")
         if not 1 < self.pseudo_speedup[0] <= self.pseudo_speedup[1]:
             raise ConfigError(f"pseudo_speedup must be (low, high) with 1 < low <= high, got {self.pseudo_speedup}")
+        components = set(SCORE_MODES) - {"fused"}
+        if not self.fusion_weights or set(self.fusion_weights) - components:
+            raise ConfigError(f"fusion_weights must name scores of {sorted(components)}, got {sorted(self.fusion_weights)}")
+        unknown = set(self.phase_two_negatives) - set(NEGATIVE_KINDS)
+        if unknown:
+            raise ConfigError(f"phase_two_negatives: unknown kinds {sorted(unknown)} (known: {list(NEGATIVE_KINDS)})")
+        object.__setattr__(self, "phase_two_negatives", tuple(self.phase_two_negatives))
+        if self.phase_two_steps < 0 or self.phase_two_batch_size < 2:
+            raise ConfigError("phase_two_steps must be >= 0 and phase_two_batch_size >= 2")
+        if not 0 <= self.phase_two_ema < 1:
+            raise ConfigError(f"phase_two_ema must be within [0, 1), got {self.phase_two_ema}")
+        if self.r_old_epoch < 1:
+            raise ConfigError(f"r_old_epoch must be at least 1, got {self.r_old_epoch}")
         if not 0 < self.holdout_fraction < 0.5:
             raise ConfigError(f"holdout_fraction must be within (0, 0.5), got {self.holdout_fraction}")

@@ -1,8 +1,9 @@
 """Normal footage in, training patches out.
 
 Footage is a video file (anything OpenCV decodes) or a folder of image frames (sorted by name). Each
-clip is split in time: its first part trains, its tail (``holdout_fraction``) is held out for the
-stopping rule and for calibration, so the threshold never comes from frames the networks fitted.
+clip is split in time into blocks; a share ``holdout_fraction`` of the blocks, spread evenly over the
+clip, is held out for the stopping rule and for calibration, so the threshold never comes from frames
+the networks fitted and holds for the whole of a camera's footage, not only its last minutes.
 """
 
 from __future__ import annotations
@@ -92,10 +93,14 @@ def footage_digest(clips: list[Clip]) -> str:
     return digest.hexdigest()
 
 
+HOLDOUT_BLOCK_FRAMES = 25  # frames of one held-out block (2.5 s at 10 frames/s)
+
+
 @dataclass
 class EncodedClip:
     name: str
     channels: np.ndarray  # (T, C, H, W) uint8
+    first_frame: int = 0  # index of channels[0] in the footage it was cut from
 
     @property
     def frames(self) -> int:
@@ -103,16 +108,42 @@ class EncodedClip:
 
 
 def encode_clips(clips: list[Clip], config: ModelConfig) -> list[EncodedClip]:
-    return [EncodedClip(clip.name, encode_frames(clip.gray, config)) for clip in clips]
+    return [EncodedClip(clip.name, encode_frames(clip.gray, config, fps=clip.fps)) for clip in clips]
 
 
-def split_holdout(clips: list[EncodedClip], fraction: float) -> tuple[list[EncodedClip], list[EncodedClip]]:
-    """Each clip's first (1 - fraction) trains, its tail is held out (at least one frame each)."""
+def held_out_blocks(blocks: int, fraction: float) -> list[int]:
+    """Indices of the held-out blocks among ``blocks``: about ``fraction`` of them, evenly spread,
+    the last one always among them."""
+    count = max(1, int(round(blocks * fraction)))
+    return sorted({int(np.ceil((i + 1) * blocks / count)) - 1 for i in range(count)})
+
+
+def split_holdout(
+    clips: list[EncodedClip], fraction: float, block_frames: int = HOLDOUT_BLOCK_FRAMES
+) -> tuple[list[EncodedClip], list[EncodedClip]]:
+    """Each clip is cut into equal blocks of about ``block_frames`` (a tenth of a shorter clip); the
+    ``held_out_blocks`` are held
+    out, the rest trains (one segment per run of kept blocks). A clip too short for ``fraction`` of
+    it to be a whole block keeps its tail (``fraction`` of it, at least one frame) as before."""
     train, holdout = [], []
     for clip in clips:
-        cut = min(clip.frames - 1, max(1, int(round(clip.frames * (1 - fraction)))))
-        train.append(EncodedClip(clip.name, clip.channels[:cut]))
-        holdout.append(EncodedClip(clip.name, clip.channels[cut:]))
+        # short clips get shorter blocks (ten of them), so that held-out frames still spread out
+        blocks = int(round(clip.frames / min(block_frames, max(4, clip.frames // 10))))
+        if blocks * fraction < 1:  # too short to hold out whole blocks: the tail
+            cut = min(clip.frames - 1, max(1, int(round(clip.frames * (1 - fraction)))))
+            train.append(EncodedClip(clip.name, clip.channels[:cut], clip.first_frame))
+            holdout.append(EncodedClip(clip.name, clip.channels[cut:], clip.first_frame + cut))
+            continue
+        bounds = np.linspace(0, clip.frames, blocks + 1).round().astype(int)
+        kept_from = 0
+        for index in held_out_blocks(blocks, fraction):
+            begin, stop = int(bounds[index]), int(bounds[index + 1])
+            if begin > kept_from:
+                train.append(EncodedClip(clip.name, clip.channels[kept_from:begin], clip.first_frame + kept_from))
+            holdout.append(EncodedClip(clip.name, clip.channels[begin:stop], clip.first_frame + begin))
+            kept_from = stop
+        if kept_from < clip.frames:
+            train.append(EncodedClip(clip.name, clip.channels[kept_from:], clip.first_frame + kept_from))
     return train, holdout
 
 
@@ -162,13 +193,18 @@ class PatchSampler:
     def has_motion(self) -> bool:
         return len(self._moving) > 0
 
-    def sample_sped_up(self, count: int, speedup: tuple[float, float]) -> torch.Tensor:
-        """Pseudo-anomalies: moving patches with the motion channel scaled as if moving faster."""
+    def _moving_patches(self, count: int) -> np.ndarray:
         points = self._moving[self.rng.integers(0, len(self._moving), count)]
         size = self.patch_size
-        batch = np.stack(
-            [self.clips[c].channels[t, :, y : y + size, x : x + size] for c, t, y, x in points]
-        ).astype(np.float32)
+        return np.stack([self.clips[c].channels[t, :, y : y + size, x : x + size] for c, t, y, x in points])
+
+    def sample_moving(self, count: int) -> torch.Tensor:
+        """(count, C, P, P) patches centred where something moves, in [-1, 1]."""
+        return to_model_input(torch.from_numpy(self._moving_patches(count)))
+
+    def sample_sped_up(self, count: int, speedup: tuple[float, float]) -> torch.Tensor:
+        """Pseudo-anomalies: moving patches with the motion channel scaled as if moving faster."""
+        batch = self._moving_patches(count).astype(np.float32)
         factors = self.rng.uniform(speedup[0], speedup[1], size=(count, 1, 1))
         batch[:, 1] = np.clip(batch[:, 1] * factors, 0, 255)
         return to_model_input(torch.from_numpy(batch))

@@ -33,7 +33,7 @@ FLOW_PRESETS: dict[str, tuple[tuple[float, int, int, int, int, float], float]] =
 }
 
 
-def _flow_magnitude(previous: np.ndarray, current: np.ndarray, preset: str) -> np.ndarray:
+def flow_magnitude(previous: np.ndarray, current: np.ndarray, preset: str) -> np.ndarray:
     (pyr_scale, levels, winsize, iterations, poly_n, poly_sigma), scale = FLOW_PRESETS[preset]
     if scale != 1.0:
         size = (current.shape[1], current.shape[0])
@@ -66,34 +66,66 @@ def _flow_pool() -> ThreadPoolExecutor:
         return _FLOW_POOL
 
 
-def encode_frames(
-    gray: np.ndarray, config: ModelConfig, previous: np.ndarray | None = None, flow: str | None = None
-) -> np.ndarray:
-    """(T, H, W) uint8 grayscale -> (T, C, H, W) uint8 channels of ``config.input_mode``.
+def processing_size(height: int, width: int, config: ModelConfig) -> tuple[int, int]:
+    """(height, width) frames are encoded at: ``config.frame_height`` rows, the aspect ratio kept."""
+    if config.frame_height is None or config.frame_height == height:
+        return height, width
+    return config.frame_height, max(config.patch_size, int(round(width * config.frame_height / height)))
 
-    ``previous`` is the frame before gray[0] (a stream keeps it); without it the first frame is its
-    own predecessor, so its motion channel is empty. ``flow``: a FLOW_PRESETS name overriding
-    ``config.flow_preset`` (appearance+flow; an experiment, since it changes the model's input).
+
+def to_processing_size(gray: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """(T, H, W) or (H, W) uint8 frames resized to the processing size (area averaging when shrinking)."""
+    height, width = gray.shape[-2:]
+    target = processing_size(height, width, config)
+    if target == (height, width):
+        return gray
+    interpolation = cv2.INTER_AREA if target[0] < height else cv2.INTER_LINEAR
+    resized = [cv2.resize(frame, (target[1], target[0]), interpolation=interpolation)
+               for frame in gray.reshape(-1, height, width)]
+    return np.stack(resized).reshape(*gray.shape[:-2], *target)
+
+
+def motion_rate_factor(config: ModelConfig, fps: float | None) -> float:
+    """Motion per frame at ``fps`` -> motion per frame at the footage's ``reference_fps``."""
+    if config.reference_fps is None or fps is None or fps <= 0:
+        return 1.0
+    return fps / config.reference_fps
+
+
+def encode_frames(
+    gray: np.ndarray, config: ModelConfig, previous: np.ndarray | None = None, flow: str | None = None,
+    fps: float | None = None,
+) -> np.ndarray:
+    """(T, H, W) uint8 grayscale -> (T, C, h, w) uint8 channels of ``config.input_mode``, at the
+    processing size (``processing_size``).
+
+    ``previous`` is the frame before gray[0] (a stream keeps it, at any size); without it the first
+    frame is its own predecessor, so its motion channel is empty. ``flow``: a FLOW_PRESETS name
+    overriding ``config.flow_preset`` (appearance+flow; an experiment, since it changes the model's
+    input). ``fps``: the stream's frame rate, which scales motion to ``config.reference_fps``.
     """
     preset = flow or config.flow_preset
     if gray.ndim != 3 or gray.dtype != np.uint8:
         raise ValueError(f"expected (T, H, W) uint8 frames, got {gray.dtype} {gray.shape}")
+    gray = to_processing_size(gray, config)
+    if previous is not None:
+        previous = to_processing_size(previous, config)
     channels = [gray]
     if config.input_mode != "appearance":
         first = gray[:1] if previous is None else previous[None]
         before = np.concatenate([first, gray[:-1]])
         if config.input_mode == "appearance+motion":
             diff = np.abs(gray.astype(np.int16) - before.astype(np.int16)).astype(np.float32)
-            motion = diff * config.motion_gain
+            motion = diff * (config.motion_gain * motion_rate_factor(config, fps))
         else:
             pairs = list(zip(before, gray))
             pool = _flow_pool()
             if len(pairs) > 1 and (os.cpu_count() or 1) > 1:
-                flows = list(pool.map(lambda pair: _flow_magnitude(pair[0], pair[1], preset), pairs))
+                flows = list(pool.map(lambda pair: flow_magnitude(pair[0], pair[1], preset), pairs))
             else:
-                flows = [_flow_magnitude(b, g, preset) for b, g in pairs]
+                flows = [flow_magnitude(b, g, preset) for b, g in pairs]
             motion = np.stack(flows)
-            motion *= 255.0 / config.flow_scale_px
+            motion *= 255.0 * motion_rate_factor(config, fps) / config.flow_scale_px
         channels.append(np.clip(motion, 0, 255).astype(np.uint8))
     return np.stack(channels, axis=1)
 

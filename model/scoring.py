@@ -6,9 +6,11 @@ Every patch gets four raw anomaly components, higher = more anomalous:
 - ``d_x``: -logit D(X), the paper's weaker alternative;
 - ``reconstruction``: mean squared error ||X - R(X)||^2 over the patch's pixels;
 - ``motion``: the mean of the patch's motion channel (speed for appearance+flow), no network at all.
-``fused`` adds ``d_r_x`` and ``reconstruction`` after standardising each by the median and spread of
-its frame maxima on held-out normal frames. A frame's score is its most anomalous patch (the paper's rule), averaged over a
-causal window of ``smoothing_frames`` frames; a frame is anomalous when that score exceeds tau.
+``fused`` is a weighted sum of components, each standardised by the median and spread of its frame
+maxima on held-out normal frames (``Calibration.fusion_weights``: D(R(X)), reconstruction and motion
+for versions trained with phase two, D(R(X)) and reconstruction for older ones). A frame's score is its most
+anomalous patch (the paper's rule), averaged over a causal window of ``smoothing_frames`` frames; a
+frame is anomalous when that score exceeds tau.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from model.patches import GridShape, to_patches
 
 COMPONENTS = ("d_r_x", "d_x", "reconstruction", "motion")
 NETWORK_COMPONENTS = 3  # the first three come from R and D; "motion" is read off the input
+# What ``fused`` meant before its weights were part of the calibration (manifests without them).
+LEGACY_FUSION_WEIGHTS: dict[str, float] = {"d_r_x": 1.0, "reconstruction": 1.0}
 
 
 @dataclass(frozen=True)
@@ -46,10 +50,16 @@ class Calibration:
     map_width: float  # patch score -> [0, 1] map: sigmoid((s - tau) / map_width)
     false_alarm_rate: float
     normal_frame_quantiles: dict[str, float] = field(default_factory=dict)
+    fusion_weights: dict[str, float] = field(default_factory=lambda: dict(LEGACY_FUSION_WEIGHTS))
+    # false alarms of a tau drawn from one half of the held-out normal segments on the other half
+    holdout_check: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.score_mode not in SCORE_MODES:
             raise ValueError(f"unknown score mode {self.score_mode!r}")
+        unknown = set(self.fusion_weights) - set(COMPONENTS)
+        if unknown or not self.fusion_weights:
+            raise ValueError(f"fusion weights must name components of {COMPONENTS}, got {sorted(self.fusion_weights)}")
         if not (self.reject_band[0] <= self.threshold <= self.reject_band[1]):
             raise ValueError("the reject band must contain the threshold")
         object.__setattr__(self, "reject_band", tuple(self.reject_band))
@@ -73,9 +83,9 @@ def patch_scores(raw: torch.Tensor, mode: str, calibration: Calibration | None) 
     if calibration is None:
         raise ValueError("the fused score needs a calibration (component statistics)")
     total = torch.zeros(raw.shape[0], dtype=raw.dtype, device=raw.device)
-    for name in ("d_r_x", "reconstruction"):
+    for name, weight in calibration.fusion_weights.items():
         column = raw[:, COMPONENTS.index(name)]
-        total += (column - calibration.component_center[name]) / calibration.component_scale[name]
+        total += weight * (column - calibration.component_center[name]) / calibration.component_scale[name]
     return total
 
 
@@ -249,7 +259,7 @@ class FrameStream:
         """(T, H, W) uint8 frames -> (patches to score, grid, T); advances the motion state."""
         if self.previous is not None and self.previous.shape != gray.shape[1:]:
             self.previous = None  # the resolution changed: no valid predecessor
-        channels = encode_frames(gray, self.scorer.config, self.previous, flow=self.scorer.flow)
+        channels = encode_frames(gray, self.scorer.config, self.previous, flow=self.scorer.flow, fps=self.fps)
         self.previous = gray[-1].copy()
         count = gray.shape[0]
         if self.skip is None:

@@ -6,9 +6,13 @@ R learns eq. (5) on X~ = X + N(0, sigma^2 I). After each epoch, on held-out norm
 - condition 2: D's separation, the ROC AUC of D(X) against D(R_best(X)); the D with the lowest
   held-out loss so far is kept (see StoppingRule).
 Training stops once R has not improved for ``patience`` epochs and D separates at least
-``separation_target``, or at ``max_epochs`` / ``time_budget_s``. D is then polished against the frozen
-best R (a fixed opponent cannot make it oscillate), the pair is calibrated on held-out normal frames
-and published as a new version.
+``separation_target``, or at ``max_epochs``. Then phase two (model/phase_two.py) retrains D alone
+against the frozen best R, so that D(R(X)) scores what R made of a patch rather than whether R
+touched it; the pair is calibrated on held-out normal frames and published as a new version.
+
+``time_budget_s`` is a deadline for the whole run (reading footage, epochs, phase two and
+calibration): it is checked at every step, the epochs give way to phase two and calibration at a
+reserved share of it, and a run that has nothing usable when time is up fails with TimeBudgetError.
 
 Under torchrun each process samples its own patches and DistributedDataParallel averages gradients
 (gloo on CPU, nccl on GPU); rank 0 evaluates, checkpoints and publishes.
@@ -45,8 +49,10 @@ from model.data import (
     read_footage,
     split_holdout,
 )
+from model.footage_scale import fit_input_to_footage, motion_saturation
 from model.losses import detector_loss, refiner_loss
 from model.networks import Detector, Refiner
+from model.phase_two import retrain_detector
 from model.scoring import Scorer
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -54,6 +60,34 @@ ProgressCallback = Callable[[dict[str, Any]], None]
 
 class TrainingCancelled(Exception):
     """Raised when the progress callback asks training to stop."""
+
+
+class TimeBudgetError(ValueError):
+    """The time budget ended before any R was evaluated: nothing usable to publish."""
+
+
+# Shares of the time budget kept for what follows the epochs: phase two and calibration (only
+# calibration when phase two is off). A budget is a deadline, so the epochs give way early.
+PHASE_TWO_BUDGET_SHARE = 0.15
+CALIBRATION_BUDGET_SHARE = 0.05
+
+
+@dataclass
+class Deadlines:
+    """When (time.monotonic()) the epochs and phase two must have ended; None = no budget."""
+
+    epochs: float | None
+    phase_two: float | None
+
+    @classmethod
+    def from_budget(cls, started: float, cfg: TrainConfig) -> "Deadlines":
+        budget = cfg.time_budget_s
+        after_epochs = (PHASE_TWO_BUDGET_SHARE if cfg.phase_two_steps else 0.0) + CALIBRATION_BUDGET_SHARE
+        return cls(started + budget * (1 - after_epochs), started + budget * (1 - CALIBRATION_BUDGET_SHARE))
+
+
+def _passed(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
 
 
 @dataclass
@@ -113,6 +147,16 @@ class StoppingRule:
     @property
     def should_stop(self) -> bool:
         return self.stale_epochs >= self.patience and self.separated
+
+
+@dataclass
+class FitResult:
+    refiner: Refiner  # the best R (condition 1): R_new of phase two
+    detector: Detector
+    refiner_old: Refiner  # R after epoch ``r_old_epoch`` (or the last one evaluated, if earlier)
+    history: list[EpochRecord]
+    sampler: PatchSampler
+    holdout_sampler: PatchSampler
 
 
 @dataclass
@@ -250,7 +294,9 @@ def train(
     show_progress_bar: bool = True,
     checkpoint_dir: str | Path | None = None,
 ) -> TrainResult:
-    """Train on normal footage and publish a version (rank 0). Raises FootageError on bad footage."""
+    """Train on normal footage and publish a version (rank 0). Raises FootageError on bad footage,
+    TimeBudgetError when the budget ends before anything usable exists."""
+    started = time.monotonic()
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
     if parent_version:  # fine-tuning keeps the parent's network shape and input
@@ -259,35 +305,52 @@ def train(
         raise ConfigError("score mode 'motion' needs a motion channel; input mode 'appearance' has none")
     clips = load_normal_footage(list(normal_paths))
     digest = footage_digest(clips)
+    input_report: dict[str, Any] = {}
+    if parent_version is None and train_config.fit_input_to_footage:
+        model_config, input_report = fit_input_to_footage(
+            model_config, [c.gray for c in clips], float(np.median([c.fps for c in clips])), model_config.frame_height
+        )
     encoded = encode_clips(clips, model_config)
+    input_report["motion_saturated_share"] = motion_saturation([c.channels for c in encoded])
     train_clips, holdout = split_holdout(encoded, train_config.holdout_fraction)
     if sum(c.frames for c in train_clips) < 2 or sum(c.frames for c in holdout) < 1:
         raise FootageError(f"{normal_paths[0]}: too little footage (need at least 3 frames)")
     checkpoint_dir = Path(checkpoint_dir or Path(weights_dir) / ".checkpoints" / f"train-{digest[:16]}")
-    result = _fit(
+    deadlines = Deadlines.from_budget(started, train_config)
+    fitted = _fit(
         train_clips, holdout, model_config, train_config, resolve_device(device), resume,
-        parent_version, weights_dir, progress, show_progress_bar, checkpoint_dir,
+        parent_version, weights_dir, progress, show_progress_bar, checkpoint_dir, deadline=deadlines.epochs,
     )
-    refiner, detector, history = result
+    history = fitted.history
     refine_report: dict[str, Any] | None = None
-    if reject_and_refine:
+    if reject_and_refine and _passed(deadlines.epochs):
+        refine_report = {"skipped": "the time budget ended before fine-tuning could start"}
+    elif reject_and_refine:
+        # what the first model rejects is judged by the whole model, phase two included
+        first_detector, _ = _phase_two(fitted, train_config, device, deadlines.epochs, None, False)
         before = sum(c.frames for c in train_clips)
         train_clips, dropped = _drop_rejected(
-            refiner, detector, model_config, train_config, train_clips, holdout, resolve_device(device)
+            fitted.refiner, first_detector, model_config, train_config, train_clips, holdout, resolve_device(device)
         )
         refine_report = {"frames_before": before, "frames_dropped": len(dropped), "dropped": dropped[:1000]}
         if show_progress_bar:
             tqdm.write(f"reject-and-refine: dropped {len(dropped)} of {before} training frames, fine-tuning")
         refine_config = TrainConfig(**{**asdict(train_config), "max_epochs": max(1, train_config.max_epochs // 3)})
-        refiner, detector, refine_history = _fit(
+        refitted = _fit(
             train_clips, holdout, model_config, refine_config, resolve_device(device), False,
             None, weights_dir, progress, show_progress_bar, checkpoint_dir / "refine",
-            initial=(refiner, detector),
+            initial=(fitted.refiner, fitted.detector), deadline=deadlines.epochs,
         )
-        history += refine_history
+        history += refitted.history
+        fitted = FitResult(refitted.refiner, refitted.detector, fitted.refiner_old, history,
+                           refitted.sampler, refitted.holdout_sampler)
     rank, _ = _distributed()
     if rank != 0:
         return TrainResult(None, {}, history)
+    refiner = fitted.refiner
+    detector, phase_two_report = _phase_two(
+        fitted, train_config, device, deadlines.phase_two, progress, show_progress_bar
+    )
     scorer = Scorer(refiner, detector, model_config, device="cpu")
     calibration = fit_calibration(scorer, holdout, train_config)
     last = history[-1] if history else None
@@ -300,6 +363,8 @@ def train(
         "reject_band": list(calibration.reject_band),
         "parent_version": parent_version,
         "reject_and_refine": refine_report,
+        "phase_two": phase_two_report,
+        "input": input_report,
         "training_footage": {
             "sha256": digest,
             "clips": len(clips),
@@ -313,13 +378,41 @@ def train(
             "separation_auc": max(h.separation_auc for h in history) if history else None,
             "epochs": last.epoch if last else 0,
             "seconds": round(sum(h.seconds for h in history), 1),
+            "total_seconds": round(time.monotonic() - started, 1),
             "normal_frame_quantiles": calibration.normal_frame_quantiles,
+            "false_alarm_rate_second_slice": calibration.holdout_check,
         },
         "history": [asdict(h) for h in history],
     }
     version = registry.publish(weights_dir, refiner, detector, manifest)
     _remove_checkpoints(checkpoint_dir)
     return TrainResult(version, registry.read_manifest(weights_dir, version), history)
+
+
+def _phase_two(
+    fitted: FitResult, cfg: TrainConfig, device: str | None, deadline: float | None,
+    progress: ProgressCallback | None, verbose: bool,
+) -> tuple[Detector, dict[str, Any] | None]:
+    """D after phase two (or as fitted, when ``phase_two_steps`` is 0) and phase two's report."""
+    if cfg.phase_two_steps == 0:
+        return fitted.detector, None
+    detector, report = retrain_detector(
+        fitted.refiner, fitted.refiner_old, fitted.detector, fitted.sampler, fitted.holdout_sampler, cfg,
+        resolve_device(device), deadline, _phase_two_progress(progress), verbose,
+    )
+    return detector, report.to_dict()
+
+
+def _phase_two_progress(progress: ProgressCallback | None) -> Callable[[int, int], None] | None:
+    """Phase two's steps as progress events (a job's status shows them; a callback may cancel)."""
+    if progress is None:
+        return None
+
+    def report(step: int, total: int) -> None:
+        if step % 50 == 0 or step == total:
+            progress({"phase": "phase_two", "phase_two_step": step, "phase_two_steps": total})
+
+    return report
 
 
 def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
@@ -346,7 +439,8 @@ def _fit(
     show_progress_bar: bool,
     checkpoint_dir: Path,
     initial: tuple[Refiner, Detector] | None = None,
-) -> tuple[Refiner, Detector, list[EpochRecord]]:
+    deadline: float | None = None,
+) -> FitResult:
     rank, world = _distributed()
     torch.manual_seed(cfg.seed + rank)
     if initial is not None:
@@ -367,6 +461,7 @@ def _fit(
 
     best_r = copy.deepcopy(refiner.state_dict())
     best_d = copy.deepcopy(detector.state_dict())
+    old_r: dict[str, torch.Tensor] | None = None  # R after epoch r_old_epoch (phase two's R_old)
     rule = StoppingRule(cfg.patience, cfg.separation_target)
     start_epoch, step = 0, 0
     history: list[EpochRecord] = []
@@ -382,6 +477,7 @@ def _fit(
             best = load_file(str(checkpoint_dir / "best.safetensors"))
             best_r = {k[len("refiner/") :]: v for k, v in best.items() if k.startswith("refiner/")}
             best_d = {k[len("detector/") :]: v for k, v in best.items() if k.startswith("detector/")}
+            old_r = {k[len("refiner_old/") :]: v for k, v in best.items() if k.startswith("refiner_old/")} or None
     if world > 1:
         for module in (refiner, detector):
             for tensor in module.state_dict().values():
@@ -399,11 +495,19 @@ def _fit(
     for epoch in range(start_epoch + 1, cfg.max_epochs + 1):
         epoch_start = time.monotonic()
         sums = {"d": 0.0, "r": 0.0, "rec": 0.0, "kl": 0.0}
+        done = 0
         bar = tqdm(
             range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.max_epochs}", unit="step",
             disable=not show_progress_bar or rank != 0, leave=False,
         )
         for _ in bar:
+            if _passed(deadline):
+                if step == 0:
+                    raise TimeBudgetError(
+                        f"the time budget of {cfg.time_budget_s:g} s ended before the first training step "
+                        f"(reading and encoding the footage took most of it): give a larger budget"
+                    )
+                break  # the deadline: evaluate what this epoch reached, then stop
             x = sampler.sample(cfg.batch_size).to(device, non_blocking=True)
             pseudo = _pseudo_anomalies(sampler, cfg).to(device, non_blocking=True)
             noisy = x + cfg.noise_sigma * torch.randn_like(x)
@@ -424,6 +528,7 @@ def _fit(
             opt_r.step()
             opt_d.zero_grad(set_to_none=True)  # R's step also filled D's gradients
             step += 1
+            done += 1
             sums["d"] += loss_d.item()
             sums["r"] += loss_r.item()
             sums["rec"] += terms["rec"]
@@ -437,10 +542,13 @@ def _fit(
         separation = d_figures.separation
         if rule.observe_detector(separation, d_figures.detector_loss):
             best_d = copy.deepcopy(detector.state_dict())
+        if epoch == cfg.r_old_epoch or old_r is None:
+            old_r = copy.deepcopy(refiner.state_dict())
+        done = max(1, done)
         record = EpochRecord(
             epoch=epoch, step=step,
-            d_loss=sums["d"] / steps_per_epoch, r_loss=sums["r"] / steps_per_epoch,
-            rec_loss=sums["rec"] / steps_per_epoch, kl_loss=sums["kl"] / steps_per_epoch,
+            d_loss=sums["d"] / done, r_loss=sums["r"] / done,
+            rec_loss=sums["rec"] / done, kl_loss=sums["kl"] / done,
             holdout_reconstruction=reconstruction, separation_auc=separation,
             holdout_detector_loss=d_figures.detector_loss,
             condition_1_improved=improved, condition_2_met=rule.separated,
@@ -464,21 +572,27 @@ def _fit(
             )
             save_file(
                 {**{f"refiner/{k}": v.cpu().contiguous() for k, v in best_r.items()},
-                 **{f"detector/{k}": v.cpu().contiguous() for k, v in best_d.items()}},
+                 **{f"detector/{k}": v.cpu().contiguous() for k, v in best_d.items()},
+                 **{f"refiner_old/{k}": v.cpu().contiguous() for k, v in old_r.items()}},
                 str(checkpoint_dir / "best.safetensors"),
             )
             if progress is not None:
                 epochs_left = cfg.max_epochs - epoch
-                eta = min(epochs_left * elapsed / max(1, epoch - start_epoch), max(0.0, cfg.time_budget_s - elapsed))
+                left = max(0.0, deadline - time.monotonic()) if deadline is not None else math.inf
+                eta = min(epochs_left * elapsed / max(1, epoch - start_epoch), left)
                 progress({**asdict(record), "max_epochs": cfg.max_epochs, "eta_s": round(eta, 1)})
-        if rule.should_stop or elapsed >= cfg.time_budget_s:
+        if rule.should_stop or _passed(deadline):
             break
 
+    refiner_old = Refiner(model_config)
+    refiner_old.load_state_dict(old_r if old_r is not None else best_r)
     refiner.load_state_dict(best_r)
     detector.load_state_dict(best_d)
-    _polish_detector(refiner, detector, sampler, holdout_patches, holdout_pseudo, cfg, device, steps_per_epoch,
-                     show_progress_bar and rank == 0)
-    return refiner.cpu().eval(), detector.cpu().eval(), history
+    if not _passed(deadline):
+        _polish_detector(refiner, detector, sampler, holdout_patches, holdout_pseudo, cfg, device,
+                         steps_per_epoch, show_progress_bar and rank == 0)
+    return FitResult(refiner.cpu().eval(), detector.cpu().eval(), refiner_old.eval(), history, sampler,
+                     holdout_sampler)
 
 
 def _pseudo_anomalies(sampler: PatchSampler, cfg: TrainConfig, per: int | None = None) -> torch.Tensor:
@@ -552,7 +666,7 @@ def _drop_rejected(
         raw, _ = clip_raw_scores(scorer, clip.channels)
         scores = causal_mean(frame_peaks(raw, calibration.score_mode, calibration), calibration.smoothing_frames)
         keep = scores <= calibration.threshold
-        dropped += [[clip.name, int(i)] for i in np.flatnonzero(~keep)]
+        dropped += [[clip.name, clip.first_frame + int(i)] for i in np.flatnonzero(~keep)]
         if keep.sum() >= 1:
             kept.append(EncodedClip(clip.name, clip.channels[keep]))
     return kept, dropped

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from model.config import FLOW_PRESET_NAMES, SCORE_MODES, ModelConfig
+from model.config import FLOW_PRESET_NAMES, NEGATIVE_KINDS, SCORE_MODES, ModelConfig, TrainConfig
+from model.inject import INJECT_KINDS
 
 DEFAULT_WEIGHTS = os.environ.get("VAD_WEIGHTS_DIR")
 
@@ -41,8 +42,21 @@ def _device(value: str) -> str:
     return value
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+    return number
+
+
+def _frame_size(value: str) -> tuple[int, int]:
+    width, _, height = value.lower().partition("x")
+    if not (width.isdigit() and height.isdigit()) or min(int(width), int(height)) < 8:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a frame size like 720x480")
+    return int(width), int(height)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from model.config import TrainConfig
     from model.train import train
 
     model_fields: dict[str, Any] = {"input_mode": args.input_mode}
@@ -54,11 +68,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         model_fields["stride"] = args.stride
     if args.latent_dim:
         model_fields["latent_dim"] = args.latent_dim
-    train_fields: dict[str, Any] = {}
+    if args.frame_height:
+        model_fields["frame_height"] = args.frame_height
+    train_fields: dict[str, Any] = {"fit_input_to_footage": not args.fixed_input}
     if args.score_mode is None and args.input_mode == "appearance":
         args.score_mode = "d_r_x"  # no motion channel: the paper's score
+    if args.phase_two_negatives:
+        train_fields["phase_two_negatives"] = tuple(args.phase_two_negatives.split(","))
     for name in ("max_epochs", "time_budget_s", "patches_per_epoch", "batch_size", "score_mode",
-                 "smoothing_frames", "false_alarm_rate", "seed", "pseudo_anomaly_share"):
+                 "smoothing_frames", "false_alarm_rate", "seed", "pseudo_anomaly_share", "phase_two_steps"):
         value = getattr(args, name)
         if value is not None:
             train_fields[name] = value
@@ -97,12 +115,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from model import registry
-    from model.evaluate import evaluate_ped2
+    from model.evaluate import Playback, evaluate_ped2
 
     if args.dataset != "ped2":
         raise ValueError(f"unknown dataset {args.dataset!r} (supported: ped2)")
     weights = _weights_dir(args.weights)
-    report = evaluate_ped2(args.root, weights, args.version, args.device or "cpu", plots_dir=args.plots)
+    playback = Playback(args.resize, args.frame_step)
+    clip_names = args.clips.split(",") if args.clips else None
+    report = evaluate_ped2(args.root, weights, args.version, args.device or "cpu", plots_dir=args.plots, playback=playback,
+                           inject_kind=args.inject, inject_seed=args.inject_seed, inject_copies=args.inject_copies,
+                           clip_names=clip_names)
     summary, details = report["summary"], report["details"]
     print(f"Ped2 frame-level, {summary['frames']} frames, version {summary['version']} ({summary['input_mode']}):")
     for mode, fig in {**summary["scores"], "motion": details["motion"], "fused": details["fused"]}.items():
@@ -111,8 +133,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"  served ({served['score_mode']}, causal window {served['smoothing_frames']}): "
           f"AUC {served['auc']:.4f}  EER {served['eer']:.4f}; at tau: detection "
           f"{served['detection_rate_at_tau']:.3f}, false alarms {served['false_alarm_rate_at_tau']:.3f}")
+    for name, fig in summary["baselines"].items():
+        print(f"  baseline: {name} (no network), causal window {served['smoothing_frames']}: "
+              f"AUC {fig['auc']:.4f}  EER {fig['eer']:.4f}")
     minmax = details["per_clip_minmax_non_causal"]
     print(f"  (non-causal per-clip min-max, comparison only: AUC {minmax['auc']:.4f}  EER {minmax['eer']:.4f})")
+    if summary["motion_saturated_share"] is not None:
+        print(f"  motion channel: {summary['motion_saturated_share']:.2%} of moving values at full scale "
+              f"(playback {summary['playback']})")
+    if "injected" in summary:
+        inj = summary["injected"]
+        print(f"Injected {inj['kind']} anomalies (seed {inj['seed']}): {inj['objects']} objects in {inj['runs']} "
+              f"normal runs, {inj['frames']} injected and {inj['clean_frames']} clean frames:")
+        print(f"  served ({inj['score_mode']}): AUC {inj['auc']:.4f}; at tau: detected {inj['detected_at_tau']:.3f}, "
+              f"clean false alarms {inj['clean_false_alarms']:.3f}")
+        print(f"  baseline: motion (no network): AUC {inj['motion_auc']:.4f}")
     print(f"  {summary['seconds']} s; plots in {args.plots}")
     if args.json:
         _write_json(args.json, summary)
@@ -188,11 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--patch-size", type=int)
     train.add_argument("--stride", type=int, help="patch stride when scoring (default 30)")
     train.add_argument("--latent-dim", type=int)
+    train.add_argument("--phase-two-steps", type=int,
+                       help=f"steps of D's phase two against R's output, 0 = none (default {TrainConfig.phase_two_steps})")
+    train.add_argument("--phase-two-negatives",
+                       help=f"comma-separated pseudo-anomaly kinds of phase two, of {','.join(NEGATIVE_KINDS)} "
+                            f"(default {','.join(TrainConfig().phase_two_negatives)})")
+    train.add_argument("--frame-height", type=_positive_int,
+                       help="rows frames are resized to before scoring (default: chosen from the footage, "
+                            "so moving people are about as tall as on UCSD Ped2)")
+    train.add_argument("--fixed-input", action="store_true",
+                       help="score frames at their own size with a fixed 4 px/frame flow scale and no frame-rate "
+                            "scaling (how versions up to v0002 were trained)")
     train.add_argument("--epochs", dest="max_epochs", type=int)
     train.add_argument("--time-budget", dest="time_budget_s", type=float, help="seconds")
     train.add_argument("--patches-per-epoch", type=int)
     train.add_argument("--batch-size", type=int)
-    train.add_argument("--score-mode", choices=list(SCORE_MODES), help="served frame score (default motion)")
+    train.add_argument("--score-mode", choices=list(SCORE_MODES), help="served frame score (default fused: D(R(X)) + reconstruction + motion, standardised on held-out normal frames)")
     train.add_argument("--pseudo-anomalies", dest="pseudo_anomaly_share", type=float,
                        help="share of sped-up moving patches added to D's negatives (0 = the paper)")
     train.add_argument("--smoothing", dest="smoothing_frames", type=int, help="causal window (frames)")
@@ -223,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--plots", default="artifacts/eval", help="folder for one PNG per test clip")
     evaluate.add_argument("--record", action="store_true", help="store the figures in the version's manifest")
     evaluate.add_argument("--device", type=_device)
+    evaluate.add_argument("--clips", help="comma-separated test clips to score (default: all 12, the protocol)")
+    evaluate.add_argument("--resize", type=_frame_size, help="WxH: play the test clips at this size (robustness check)")
+    evaluate.add_argument("--frame-step", type=_positive_int, default=1,
+                          help="keep every Nth frame: the test clips at 1/N of their frame rate (robustness check)")
+    evaluate.add_argument("--inject", choices=list(INJECT_KINDS),
+                          help="also score the normal test runs with foreign objects pasted in (model/inject.py)")
+    evaluate.add_argument("--inject-seed", type=int, default=0, help="seed of the pasted objects (default 0)")
+    evaluate.add_argument("--inject-copies", type=_positive_int, default=1,
+                          help="injected copies of each normal run, one object each (default 1)")
     evaluate.set_defaults(func=cmd_eval)
 
     detect = sub.add_parser("detect", help="score a clip offline with the active version")

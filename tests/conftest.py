@@ -59,7 +59,8 @@ def tiny_model_config(input_mode: str = "appearance+motion") -> ModelConfig:
 
 def tiny_train_config(**overrides) -> TrainConfig:
     fields = dict(patches_per_epoch=1024, batch_size=64, max_epochs=2, holdout_patches=128,
-                  detector_polish_epochs=1, holdout_fraction=0.2)
+                  detector_polish_epochs=1, holdout_fraction=0.2, phase_two_steps=100,
+                  phase_two_batch_size=32)
     fields.update(overrides)
     return TrainConfig(**fields)
 

@@ -27,7 +27,7 @@ TINY_MODEL = ModelConfig(
 )
 # What jobs train with (VAD_TRAINING_CONFIG); patience is high so a job runs the epochs it asks for.
 TINY_JOB_TRAINING = dict(patches_per_epoch=256, batch_size=32, max_epochs=1, holdout_patches=64,
-                         detector_polish_epochs=0, patience=1000)
+                         detector_polish_epochs=0, patience=1000, phase_two_steps=50)
 
 # Manifest fields a new version gets from publish itself, never from the version it is made from.
 _PUBLISH_OWN_FIELDS = ("format", "created_at", "package_version", "weights_sha256", "version")

@@ -18,7 +18,7 @@ from service.cli import main
 from tests.conftest import synthetic_frames, write_frames, write_video
 
 TINY = ["--patch-size", "16", "--stride", "16", "--latent-dim", "8", "--patches-per-epoch", "1024",
-        "--batch-size", "64", "--epochs", "2"]
+        "--phase-two-steps", "100", "--batch-size", "64", "--epochs", "2"]
 
 
 def test_detect_json_shape_and_flags(trained_weights: Path, anomalous_clip: Path, tmp_path: Path) -> None:
@@ -65,6 +65,11 @@ def test_train_cli_publishes_with_manifest(normal_footage: list[Path], tmp_path:
         assert key in manifest, key
     assert manifest["input_mode"] == "appearance"
     assert manifest["training_footage"]["frames"] == 80
+    # phase two ran, with the appearance kinds (no motion channel for `speed`)
+    assert manifest["phase_two"]["steps"] == 100 and manifest["phase_two"]["negatives"] == ["average", "paste"]
+    assert manifest["input"]["frame_height_chosen"] == "from footage" and manifest["input"]["reference_fps"] == 10.0
+    assert manifest["input"]["motion_saturated_share"] is None
+    assert set(manifest["validation"]["false_alarm_rate_second_slice"]) >= {"asked", "mean"}
     lo, hi = manifest["reject_band"]
     assert lo <= manifest["threshold"] <= hi
     for record in manifest["history"]:
@@ -130,15 +135,17 @@ def test_reject_and_refine_drops_contaminated_frames(tmp_path: Path) -> None:
     from tests.conftest import tiny_model_config, tiny_train_config
 
     clean = write_frames(tmp_path / "clean", synthetic_frames(60, seed=2))
-    contaminated = synthetic_frames(60, seed=3, anomaly_from=40)  # frames 40..59 hold the anomaly
+    # frames 30..49 hold the anomaly, between the held-out blocks 24..29 and 54..59 (calibration)
+    contaminated = synthetic_frames(60, seed=3)
+    contaminated[30:50] = synthetic_frames(60, seed=3, anomaly_from=30)[30:50]
     dirty = write_frames(tmp_path / "dirty", contaminated)
     result = train([clean, dirty], tmp_path / "w", tiny_model_config(),
                    tiny_train_config(max_epochs=3, false_alarm_rate=0.05, reject_band=(0.02, 0.1)),
                    reject_and_refine=True, show_progress_bar=False)
     report = result.manifest["reject_and_refine"]
     assert report["frames_dropped"] > 0
-    dropped_dirty = [i for name, i in report["dropped"] if name == "dirty" and i >= 40]
-    # anomalous frames are 20 of the ~96 training frames; most dropped frames must be among them
+    dropped_dirty = [i for name, i in report["dropped"] if name == "dirty" and 30 <= i < 50]
+    # anomalous frames are 20 of the 96 training frames; most dropped frames must be among them
     assert len(dropped_dirty) / report["frames_dropped"] > 0.5
     assert result.version == "v0001"
 

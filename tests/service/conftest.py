@@ -20,6 +20,7 @@ from tests.support import TINY_MODEL, LiveServer, publish_second_version, starte
 
 TINY_TRAINING = TrainConfig(
     patches_per_epoch=256, batch_size=32, max_epochs=1, holdout_patches=64, detector_polish_epochs=0,
+    phase_two_steps=50,
     # a score that goes through D, so v0002 (D's bias shifted) scores differently from v0001
     score_mode="fused", smoothing_frames=1,
 )
