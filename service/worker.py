@@ -207,6 +207,7 @@ class Worker:
         heartbeat = Heartbeat(store, job, self.worker_id, settings.job_lease_s, settings.job_heartbeat_s)
         names: dict[str, str] = {}
         phase, last_epoch, started = "train", resumed_from, time.monotonic()
+        latest: dict[str, Any] = {"phase": phase, "attempt": attempt}  # the last progress recorded
 
         def finish(state: str, version: str | None = None, error: str | None = None) -> None:
             if not store.finish(job.id, self.worker_id, attempt, state, version, error):
@@ -216,7 +217,12 @@ class Worker:
             remove_job_files(settings.data_dir, job.id)
 
         def on_progress(record: dict[str, Any]) -> None:
-            nonlocal phase, last_epoch
+            nonlocal phase, last_epoch, latest
+            if record.get("phase") == "phase_two":  # D retrained against R's output: steps, no epochs
+                latest = {**latest, "phase": "phase_two", "elapsed_s": round(time.monotonic() - started, 1),
+                          "phase_two": {"step": record["phase_two_step"], "steps": record["phase_two_steps"]}}
+                report(latest)
+                return
             if options.get("reject_and_refine") and record["epoch"] <= last_epoch:
                 phase = "refine"  # train() fine-tunes again from epoch 1 after dropping rejected frames
             last_epoch = record["epoch"]
@@ -245,6 +251,11 @@ class Worker:
                 "eta_s": record["eta_s"],
                 "resumed_from_epoch": resumed_from,
             }
+            latest = progress
+            report(progress)
+
+        def report(progress: dict[str, Any]) -> None:
+            """Record progress on the job; stop training if the job was lost, cancelled or the worker stops."""
             status = store.record_progress(job.id, self.worker_id, attempt, settings.job_lease_s, progress, history)
             if status == "lost" or heartbeat.lost.is_set():
                 raise LeaseLost(job.id)

@@ -118,6 +118,8 @@ function renderActive(model) {
       ["holdout recon.", fmt(val.holdout_reconstruction, 4)],
       ["epochs", val.epochs],
       ["training time", val.seconds !== undefined ? `${fmt(val.seconds, 1)} s` : null],
+      ["phase two", m.phase_two ? `${m.phase_two.steps} steps against ${m.phase_two.negatives.join(", ")}` : null,
+        "D retrained against R's output of normal patches and of pseudo-anomalies"],
       ["footage", footage.clips !== undefined ? `${footage.clips} clips, ${footage.frames} frames` : null],
     ]),
   ];
@@ -133,6 +135,10 @@ function renderActive(model) {
       ["false alarms at τ", served.false_alarm_rate_at_tau !== undefined ? `${fmt(served.false_alarm_rate_at_tau * 100, 1)} %` : null],
       ...Object.entries(scores).map(([mode, f]) => [`${mode} AUC`, fmt(f && f.auc, 4)]),
       ["fused AUC", ped2.fused ? fmt(ped2.fused.auc, 4) : null],
+      ["motion AUC", ped2.baselines && ped2.baselines.motion ? fmt(ped2.baselines.motion.auc, 4) : null,
+        "baseline: the flow speed of the fastest patch, no network"],
+      ["injected objects", ped2.injected ? `AUC ${fmt(ped2.injected.auc, 4)}, ${fmt(ped2.injected.detected_at_tau * 100, 1)} % flagged at τ` : null,
+        "foreign objects pasted into normal test frames (vad eval --inject appearance)"],
       ["frames", ped2.frames],
     ]));
   }
@@ -272,6 +278,7 @@ function progressText(progress) {
   const epoch = progress.epoch, total = progress.max_epochs ?? progress.epochs;
   if (epoch !== undefined) parts.push(`epoch ${epoch}${total !== undefined ? "/" + total : ""}`);
   if (progress.phase || progress.stage) parts.push(progress.phase || progress.stage);
+  if (progress.phase_two) parts.push(`D step ${progress.phase_two.step}/${progress.phase_two.steps}`);
   if (progress.message) parts.push(progress.message);
   return parts.join(" · ");
 }
