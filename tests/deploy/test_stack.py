@@ -186,8 +186,9 @@ def finite(result: list[dict[str, Any]]) -> bool:
     return any(math.isfinite(float(sample["value"][1])) for sample in result)
 
 
-def test_every_dashboard_query_returns_data(stack: Stack, traffic: dict[str, Any]) -> None:
+def test_every_dashboard_query_returns_data(stack: Stack, traffic: dict[str, Any], tmp_path: Path) -> None:
     queries = dashboard_queries()
+    clip = write_video(tmp_path / "clip.avi", synthetic_frames(8, seed=12))
     assert len(queries) >= 20
     with connect(f"{stack.proxy_ws}/v1/stream", open_timeout=30) as ws:  # an open stream while we look
         for frame in synthetic_frames(3, seed=9):
@@ -196,6 +197,8 @@ def test_every_dashboard_query_returns_data(stack: Stack, traffic: dict[str, Any
         with httpx.Client(base_url=stack.proxy, timeout=60) as http:  # fresh samples for the rate windows
             for frame in synthetic_frames(4, seed=11):
                 assert http.post("/v1/frames", files={"file": ("f.png", png(frame))}).status_code == 200
+            # the clip of the traffic fixture may be older than the 1m rate window on a loaded machine
+            assert http.post("/v1/clips?maps=false", files={"file": ("c.avi", clip.read_bytes())}).status_code == 200
         wait_until(lambda: [float(s["value"][1]) for s in stack.query("sum(vad_websocket_connections)")] == [1.0],
                    30, "Prometheus to see the open stream", stack.processes.logs)
 
@@ -209,8 +212,20 @@ def test_every_dashboard_query_returns_data(stack: Stack, traffic: dict[str, Any
                     missing[title] = f"{expr} -> {result}"
             return not missing
 
+        p99_by_route = dict(queries)["Latency p50 / p95 / p99 by route [p99 {{route}}]"]
+
+        def all_answer_with_both_routes() -> bool:
+            # rate() needs two scrapes of the fresh requests: wait for them, not only for any data
+            if not all_answer():
+                return False
+            routes = {s["metric"]["route"] for s in stack.query(substitute_variables(p99_by_route))}
+            if not {"/v1/frames", "/v1/clips"} <= routes:
+                missing["p99 by route"] = f"routes so far: {sorted(routes)}"
+                return False
+            return True
+
         try:
-            wait_until(all_answer, 30, "every dashboard query to return data", interval_s=1)
+            wait_until(all_answer_with_both_routes, 60, "every dashboard query to return data", interval_s=1)
         except AssertionError:
             pytest.fail("dashboard queries without data:\n" + "\n".join(f"{t}: {m}" for t, m in missing.items()))
 
