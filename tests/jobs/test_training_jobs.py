@@ -69,6 +69,8 @@ def test_upload_train_publish_activate(job_env) -> None:
         assert set(progress["losses"]) == {"d", "r", "rec", "kl"}
         assert {"condition_1_improved", "condition_2_met", "separation_target", "patience"} <= set(progress["stopping"])
         assert "eta_s" in progress and progress["eta_s"] >= 0
+        # the last progress written is phase two's (D retrained after the epochs), epoch figures kept
+        assert progress["phase"] == "phase_two" and progress["phase_two"]["step"] == progress["phase_two"]["steps"] > 0
         assert [h["epoch"] for h in job["history"]] == [1, 2]
         assert {e["event"] for e in job["events"]} >= {"queued", "claimed", "succeeded"}
         # uploads and checkpoints are removed once the outcome is recorded (a moment after it)
