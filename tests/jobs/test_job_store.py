@@ -4,7 +4,6 @@ auto-activation rule, footage-root path checks, how a resumed attempt continues 
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -64,15 +63,33 @@ def test_concurrent_claims_hand_out_each_job_once(tmp_path: Path) -> None:
     assert all(job.attempts == 1 and job.state == "succeeded" for job in store.list(limit=100))
 
 
-def test_expired_lease_requeues_then_fails_after_max_attempts(tmp_path: Path) -> None:
+class ManualClock:
+    """The store's clock (its ``time.time()``), moved by the test: a lease expires when the test says
+    so, not when a loaded machine happens to take longer than the lease between two calls."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_expired_lease_requeues_then_fails_after_max_attempts(tmp_path: Path, monkeypatch) -> None:
+    from service import job_store
+
+    clock = ManualClock()
+    monkeypatch.setattr(job_store, "time", clock)
     store = make_store(tmp_path)
     (job_id,) = add_jobs(store, 1)
-    first, _ = store.claim("a", lease_s=0.05, max_attempts=2)
+    first, _ = store.claim("a", lease_s=30, max_attempts=2)
     assert first is not None and first.id == job_id and first.attempts == 1 and first.state == "running"
-    assert store.claim("b", lease_s=0.05, max_attempts=2)[0] is None  # leased: nobody else gets it
-    assert store.heartbeat(job_id, "a", 1, lease_s=0.05) == "ok"
-    time.sleep(0.1)
-    second, reaped = store.claim("b", lease_s=0.05, max_attempts=2)
+    assert store.claim("b", lease_s=30, max_attempts=2)[0] is None  # leased: nobody else gets it
+    clock.now += 20
+    assert store.heartbeat(job_id, "a", 1, lease_s=30) == "ok"  # renewed: 30 s from now
+    clock.now += 25
+    assert store.claim("b", lease_s=30, max_attempts=2)[0] is None  # still within the renewed lease
+    clock.now += 10
+    second, reaped = store.claim("b", lease_s=30, max_attempts=2)
     assert reaped == [] and second is not None and second.attempts == 2 and second.worker_id == "b"
     assert [e["event"] for e in second.events] == ["queued", "claimed", "lease_expired", "claimed"]
     # The first worker is fenced off: its writes change nothing.
@@ -80,7 +97,7 @@ def test_expired_lease_requeues_then_fails_after_max_attempts(tmp_path: Path) ->
     assert store.record_progress(job_id, "a", 1, 60, {"epoch": 9}, []) == "lost"
     assert store.finish(job_id, "a", 1, "succeeded", version="v0009") is False
     assert store.get(job_id).state == "running" and store.get(job_id).progress is None
-    time.sleep(0.1)
+    clock.now += 31
     (failed,) = store.reap(max_attempts=2)
     assert failed.id == job_id and failed.state == "failed" and "gave up after 2 attempt(s)" in failed.error
     assert store.claim("c", lease_s=1, max_attempts=2)[0] is None
