@@ -162,9 +162,10 @@ def retrain_detector(
     """Phase two on a copy of ``detector``; R_new and R_old stay frozen. Stops at ``deadline``
     (time.monotonic()) if it comes first. Returns the averaged D and what it measured."""
     started = time.monotonic()
+    # R stays frozen because it only ever runs without autograd (phase_two_batch, holdout_separation);
+    # its modules are not switched to requires_grad=False, which would outlive this call (a
+    # reject-and-refine fine-tuning starts from this very R and must train it)
     refiner_new, refiner_old = refiner_new.to(device).eval(), refiner_old.to(device).eval()
-    for module in (refiner_new, refiner_old):
-        module.requires_grad_(False)
     detector = copy.deepcopy(detector).to(device).train()
     kinds = usable_kinds(tuple(cfg.phase_two_negatives), sampler.has_motion)
 
