@@ -122,9 +122,9 @@ def split_holdout(
     clips: list[EncodedClip], fraction: float, block_frames: int = HOLDOUT_BLOCK_FRAMES
 ) -> tuple[list[EncodedClip], list[EncodedClip]]:
     """Each clip is cut into equal blocks of about ``block_frames`` (a tenth of a shorter clip); the
-    ``held_out_blocks`` are held
-    out, the rest trains (one segment per run of kept blocks). A clip too short for ``fraction`` of
-    it to be a whole block keeps its tail (``fraction`` of it, at least one frame) as before."""
+    ``held_out_blocks`` are held out, the rest trains (one segment per run of kept blocks). A clip too
+    short for ``fraction`` of it to be a whole block keeps its tail (``fraction`` of it, at least one
+    frame) as before."""
     train, holdout = [], []
     for clip in clips:
         # short clips get shorter blocks (ten of them), so that held-out frames still spread out

@@ -29,7 +29,7 @@ from model import inject, registry
 from model.calibrate import clip_raw_scores, frame_peaks
 from model.data import read_footage
 from model.detect import scorer_for
-from model.footage_scale import motion_saturation
+from model.footage_scale import MotionSaturation
 from model.frames import encode_frames
 from model.scoring import Scorer, causal_mean
 
@@ -157,7 +157,7 @@ def evaluate_ped2(
     modes = tuple(dict.fromkeys((*PAPER_MODES, BASELINE_MODE, "fused", calibration.score_mode)))
     peaks: dict[str, list[np.ndarray]] = {mode: [] for mode in modes}
     normal_footage: list[tuple[np.ndarray, np.ndarray]] = []  # (gray, labels) of clips with normal frames
-    encoded: list[np.ndarray] = []
+    saturation = MotionSaturation()
     played: list[TestClip] = []
     for clip in _progress(clips, progress, "ped2 test clips", "clip"):
         gray = read_footage(clip.folder).gray
@@ -166,7 +166,7 @@ def evaluate_ped2(
         gray, clip_labels = playback.apply(gray, clip.labels)
         played.append(TestClip(clip.name, clip.folder, clip_labels))
         channels = encode_frames(gray, loaded.config, fps=playback.fps)
-        encoded.append(channels)
+        saturation.add(channels)
         for mode, scores in stream_peaks(scorer, channels, loaded, modes).items():
             peaks[mode].append(scores)
         if inject_kind is not None and (clip_labels == 0).any():
@@ -193,7 +193,7 @@ def evaluate_ped2(
         # the flow-speed / frame-difference heuristic with the served causal window: no network
         "baselines": {BASELINE_MODE: figures(labels, baseline)},
         # moving values of the motion channel at full scale: a channel that saturates ranks nothing
-        "motion_saturated_share": motion_saturation(encoded),
+        "motion_saturated_share": saturation.share,
         "playback": playback.to_dict(),
     }
     details: dict[str, Any] = {

@@ -97,13 +97,25 @@ def fit_input_to_footage(
     return fitted, report
 
 
-def motion_saturation(channels: list[np.ndarray]) -> float | None:
-    """Share of moving values (>= 16 of 255) of the motion channel that sit at full scale (255)."""
-    moving = saturated = 0
-    for clip in channels:
-        if clip.shape[1] < 2:
+class MotionSaturation:
+    """Share of moving values (>= 16 of 255) of the motion channel that sit at full scale (255), over
+    the clips added one at a time (so a caller need not keep them); None without a motion channel."""
+
+    def __init__(self) -> None:
+        self.moving = self.saturated = 0
+        self.has_motion = True
+
+    def add(self, channels: np.ndarray) -> None:
+        """(T, C, H, W) uint8 channels of one clip."""
+        if channels.shape[1] < 2:
+            self.has_motion = False
+            return
+        motion = channels[:, 1]
+        self.moving += int(np.count_nonzero(motion >= 16))
+        self.saturated += int(np.count_nonzero(motion == 255))
+
+    @property
+    def share(self) -> float | None:
+        if not self.has_motion:
             return None
-        motion = clip[:, 1]
-        moving += int(np.count_nonzero(motion >= 16))
-        saturated += int(np.count_nonzero(motion == 255))
-    return round(saturated / moving, 5) if moving else 0.0
+        return round(self.saturated / self.moving, 5) if self.moving else 0.0

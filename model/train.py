@@ -49,7 +49,7 @@ from model.data import (
     read_footage,
     split_holdout,
 )
-from model.footage_scale import fit_input_to_footage, motion_saturation
+from model.footage_scale import MotionSaturation, fit_input_to_footage
 from model.losses import detector_loss, refiner_loss
 from model.networks import Detector, Refiner
 from model.phase_two import retrain_detector
@@ -311,7 +311,10 @@ def train(
             model_config, [c.gray for c in clips], float(np.median([c.fps for c in clips])), model_config.frame_height
         )
     encoded = encode_clips(clips, model_config)
-    input_report["motion_saturated_share"] = motion_saturation([c.channels for c in encoded])
+    saturation = MotionSaturation()
+    for clip in encoded:
+        saturation.add(clip.channels)
+    input_report["motion_saturated_share"] = saturation.share
     train_clips, holdout = split_holdout(encoded, train_config.holdout_fraction)
     if sum(c.frames for c in train_clips) < 2 or sum(c.frames for c in holdout) < 1:
         raise FootageError(f"{normal_paths[0]}: too little footage (need at least 3 frames)")

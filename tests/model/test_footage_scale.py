@@ -11,7 +11,7 @@ from model.calibrate import second_slice_check
 from model.config import ConfigError, ModelConfig
 from model.data import EncodedClip, held_out_blocks, split_holdout
 from model.footage_scale import (
-    MAX_FRAME_HEIGHT, TARGET_OBJECT_PX, choose_frame_height, fit_input_to_footage, motion_saturation,
+    MAX_FRAME_HEIGHT, TARGET_OBJECT_PX, choose_frame_height, fit_input_to_footage, MotionSaturation,
 )
 from model.frames import encode_frames, processing_size
 
@@ -74,8 +74,11 @@ def test_saturation_is_the_share_of_moving_values_at_full_scale() -> None:
     channels = np.zeros((2, 2, 4, 4), np.uint8)
     channels[:, 1, 0, :] = 255  # 8 saturated
     channels[:, 1, 1, :] = 100  # 8 moving, not saturated
-    assert motion_saturation([channels]) == 0.5
-    assert motion_saturation([channels[:, :1]]) is None  # appearance only: no motion channel
+    with_motion, appearance_only = MotionSaturation(), MotionSaturation()
+    with_motion.add(channels)
+    appearance_only.add(channels[:, :1])
+    assert with_motion.share == 0.5
+    assert appearance_only.share is None  # appearance only: no motion channel
 
 
 def test_held_out_blocks_spread_over_long_clips() -> None:
