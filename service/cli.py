@@ -43,7 +43,7 @@ def _device(value: str) -> str:
 
 
 def _positive_int(value: str) -> int:
-    number = int(value)
+    number = int(value) if value.strip().lstrip("+-").isdigit() else 0
     if number < 1:
         raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
     return number
