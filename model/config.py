@@ -31,7 +31,7 @@ class ModelConfig:
     """Shape of the networks and of the input they see.
 
     Pixel scale: grayscale intensity in [0, 255] maps linearly to [-1, 1] (R2 ends in tanh). The second
-    channel (see model/frames.py) is |frame_t - frame_t-1| * ``motion_gain`` or the optical-flow speed
+    channel (see model/encoding.py) is |frame_t - frame_t-1| * ``motion_gain`` or the optical-flow speed
     scaled so ``flow_scale_px`` pixels per frame is full scale, clipped to [0, 255], mapped the same way.
 
     What a camera's resolution and frame rate must not change: frames are resized to ``frame_height``
@@ -49,7 +49,7 @@ class ModelConfig:
     detector_channels: tuple[int, int, int] = (16, 32, 64)
     motion_gain: float = 4.0
     flow_scale_px: float = 4.0
-    # Farneback settings of the flow channel (model/frames.py FLOW_PRESETS): part of the input a
+    # Farneback settings of the flow channel (model/encoding.py FLOW_PRESETS): part of the input a
     # version is trained and served with. One iteration instead of three halves the encoding at the
     # same Ped2 motion AUC (docs/speed.md).
     flow_preset: FlowPreset = "farneback-1iter"

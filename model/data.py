@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from model.config import ModelConfig
-from model.frames import encode_frames, to_model_input
+from model.encoding import encode_frames, to_model_input
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".pgm"}
 

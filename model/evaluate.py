@@ -28,9 +28,9 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from model import inject, registry
 from model.calibrate import clip_raw_scores, frame_peaks
 from model.data import read_footage
-from model.detect import scorer_for
+from model.offline import scorer_for
 from model.footage_scale import MotionSaturation
-from model.frames import encode_frames
+from model.encoding import encode_frames
 from model.scoring import Scorer, causal_mean
 
 PAPER_MODES = ("d_r_x", "d_x", "reconstruction")  # the modes of the --json summary

@@ -11,7 +11,7 @@ From the normal footage a version is trained on, this chooses:
   movement sits well below saturation and faster things still rank above it (a fixed 4 px/frame
   saturated on ordinary walkers of a 768x576 street camera).
 - ``reference_fps``, the footage's frame rate: a stream at another rate has its motion channel scaled
-  to it (model/frames.py), so a camera recording at half the rate does not look twice as fast.
+  to it (model/encoding.py), so a camera recording at half the rate does not look twice as fast.
 
 On Ped2 the rule gives what the versions before it used by hand (240 rows, about 4 px/frame).
 """
@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from model.config import ModelConfig
-from model.frames import flow_magnitude, processing_size, to_processing_size
+from model.encoding import flow_magnitude, processing_size, to_processing_size
 
 TARGET_OBJECT_PX = 28.0  # Ped2's median moving-blob height at its native 240 rows (measured)
 MAX_FRAME_HEIGHT = 480

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from model.config import SCORE_MODES, ModelConfig
-from model.fast import InferenceEngine
-from model.frames import FLOW_PRESETS, encode_frames, to_model_input
+from model.inference import InferenceEngine
+from model.encoding import FLOW_PRESETS, encode_frames, to_model_input
 from model.networks import Detector, Refiner
 from model.patches import GridShape, to_patches
 
@@ -164,7 +164,7 @@ class Scorer:
         if flow is not None and flow not in FLOW_PRESETS:
             raise ValueError(f"unknown flow preset {flow!r} (one of {sorted(FLOW_PRESETS)})")
         self.flow = flow or config.flow_preset
-        # The serving path: an eval-only fused copy (batch norm folded, NHWC; model/fast.py), built
+        # The serving path: an eval-only fused copy (batch norm folded, NHWC; model/inference.py), built
         # from the weights as they are now. ``fused=False`` scores with the modules themselves.
         # On CUDA, ``precision`` (bf16/fp16 autocast) and ``cuda_graphs`` apply to it; on the CPU,
         # ``backend`` auto runs it under ONNX Runtime when that is installed (else torch).

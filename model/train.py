@@ -40,6 +40,7 @@ from tqdm import tqdm
 from model import registry
 from model.calibrate import fit_calibration
 from model.config import ConfigError, ModelConfig, TrainConfig
+from model.devices import resolve_device
 from model.data import (
     EncodedClip,
     FootageError,
@@ -164,15 +165,6 @@ class TrainResult:
     version: str | None
     manifest: dict[str, Any]
     history: list[EpochRecord] = field(default_factory=list)
-
-
-def resolve_device(requested: str | None) -> torch.device:
-    if requested in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {requested!r} asked for, but CUDA is not available")
-    return device
 
 
 def load_normal_footage(paths: list[str | Path], max_frames: int | None = None) -> list:

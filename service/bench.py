@@ -37,8 +37,8 @@ import torch
 
 from model import registry
 from model.data import read_footage
-from model.detect import FRAMES_PER_BATCH, scorer_for
-from model.frames import encode_frames
+from model.offline import FRAMES_PER_BATCH, scorer_for
+from model.encoding import encode_frames
 from model.scoring import COMPONENTS, FrameStream, Scorer, SkipUnchanged
 
 FRAMES_PER_BATCH_TRIED = (1, 2, 4, 8, 16)
@@ -180,7 +180,7 @@ def required_flops(scorer: Scorer, patches: torch.Tensor) -> int:
 
 
 def _cut(scorer: Scorer, channels: np.ndarray, stride: int) -> torch.Tensor:
-    from model.frames import to_model_input
+    from model.encoding import to_model_input
     from model.patches import to_patches
 
     return to_patches(to_model_input(torch.from_numpy(channels)), scorer.config.patch_size, stride)[0]
@@ -218,7 +218,7 @@ def model_path(scorer: Scorer, channels: np.ndarray, roofline: float, quick: boo
 def ablation(scorer: Scorer, channels: np.ndarray, flops: float, quick: bool) -> list[dict[str, Any]]:
     """Each inference optimisation added in turn, frames/s on the same patches (best of 1, 4, 16
     frames per batch): what each one gives on this machine."""
-    from model.fast import InferenceNets, _CpuWorkers, _OrtRunner, onnxruntime_available
+    from model.inference import InferenceNets, _CpuWorkers, _OrtRunner, onnxruntime_available
 
     refiner, detector, config = scorer.refiner, scorer.detector, scorer.config
     threads = torch.get_num_threads()
@@ -237,7 +237,7 @@ def ablation(scorer: Scorer, channels: np.ndarray, flops: float, quick: bool) ->
         ("+ last transposed conv as conv3x3 + pixel shuffle", phase),
     ]
     # every intra-op step before any split one: once worker threads have run ops, libgomp makes the
-    # calling thread's small parallel ops slower (see model.fast.dedicate_cpu_to_workers)
+    # calling thread's small parallel ops slower (see model.inference.dedicate_cpu_to_workers)
     plain = InferenceNets(refiner, detector, channels_last=False, phase_max_cout=0)
     if onnxruntime_available():
         steps.append((f"ONNX Runtime, {threads} intra-op thread(s)", _OrtRunner(plain, config.channels, config.patch_size, threads)))
@@ -547,15 +547,15 @@ def run_bench(
 ) -> dict[str, Any]:
     """Every figure of docs/speed.md in one run. ``device``: where the networks run (``auto``: CUDA
     when there is a GPU, as `vad serve` does); the roofline is that device's float32 matmul."""
-    from model import fast
-    from service.model_store import resolve_device
+    from model import inference
+    from model.devices import resolve_device
 
-    threads, workers = torch.get_num_threads(), fast.CPU_WORKERS
+    threads, workers = torch.get_num_threads(), inference.CPU_WORKERS
     try:
         return _run_bench(weights_dir, version, quick, dataset_root, eval_clips, naive_frames, stream_seconds,
-                          service, ablate, flow, torch.device(resolve_device(device)))
+                          service, ablate, flow, resolve_device(device))
     finally:  # the bench dedicates this process's cores to inference workers; put that back
-        fast.CPU_WORKERS = workers
+        inference.CPU_WORKERS = workers
         torch.set_num_threads(threads)
 
 
@@ -611,7 +611,7 @@ def _run_bench(
         per_frame = _cut(scorer, channels[:1], config.patch_size)
         result["ablation"] = ablation(scorer, channels, required_flops(scorer, per_frame), quick)
     # from here on as `vad serve` runs: batches split over single-threaded workers, other ops 1 thread
-    from model.fast import dedicate_cpu_to_workers
+    from model.inference import dedicate_cpu_to_workers
 
     if not on_cuda:
         result["machine"]["cpu_workers"] = dedicate_cpu_to_workers()

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from model import registry
-from model.detect import scorer_for
+from model.devices import resolve_device
+from model.offline import scorer_for
 from model.scoring import Calibration, FrameStream, Scorer, SkipUnchanged
 from service.errors import NotReady, ServiceError, UnknownVersion, VersionRejected
 from service.metrics import Metrics
@@ -80,21 +80,6 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def resolve_device(requested: str) -> str:
-    """``auto`` -> cuda when torch sees a GPU, else cpu. Raises ValueError for an unusable device."""
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {requested} asked for (VAD_DEVICE, --device), but CUDA is not available")
-        index = int(requested.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"device {requested} asked for (VAD_DEVICE, --device), but only {torch.cuda.device_count()} GPU(s) are visible")
-    if requested == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device mps asked for (VAD_DEVICE, --device), but MPS is not available")
-    return requested
-
-
 def smoke_test(scorer: Scorer) -> None:
     """Score one synthetic frame end to end; raise VersionRejected unless the result is finite."""
     side = scorer.config.patch_size * SMOKE_FRAME_SIDE
@@ -144,7 +129,7 @@ def load_serving_model(
 class ModelStore:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.weights_dir = Path(settings.weights_dir)
-        self.device = resolve_device(settings.device)
+        self.device = str(resolve_device(settings.device))
         self.follow_latest = settings.follow_latest
         self.follow_interval_s = settings.follow_interval_s
         self.scorer_options: dict[str, Any] = {

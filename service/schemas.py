@@ -1,4 +1,4 @@
-"""Wire shapes. Frame and clip bodies are built by model.detect.clip_summary / FrameResult.to_dict
+"""Wire shapes. Frame and clip bodies are built by model.offline.clip_summary / FrameResult.to_dict
 (the same numbers as `vad detect`); the models here document them in OpenAPI, type the small
 endpoints and validate WebSocket control messages."""
 

@@ -29,7 +29,7 @@ def serve(host: str, port: int, weights_dir: str | None) -> None:
     overrides: dict[str, Any] = {"weights_dir": weights_dir} if weights_dir else {}
     settings = Settings(**overrides)
     if settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available()):
-        from model.fast import dedicate_cpu_to_workers
+        from model.inference import dedicate_cpu_to_workers
 
         dedicate_cpu_to_workers()  # forward passes split over the cores, everything else single-threaded
     uvicorn.Server(uvicorn_config(create_app(settings), settings, host, port)).run()

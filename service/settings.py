@@ -6,7 +6,6 @@ arguments (which win over the environment). docs/server.md has the table of ever
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -15,13 +14,13 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.config import FlowPreset
+from model.devices import DEVICE_PATTERN
 from model.registry import BUNDLED_WEIGHTS_DIR
 from model.scoring import SkipUnchanged
 
 MiB = 1024 * 1024
 DropPolicy = Literal["drop_oldest", "reject_newest"]
 ActivationPolicy = Literal["manual", "auto"]
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class Settings(BaseSettings):

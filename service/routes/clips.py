@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.clips import clip_response
+from service.clip_scoring import clip_response
 from service.deps import AcceptHeader, IncludeMaps, ReadyModel, ServicesDep, StreamFlag
 from service.responses import NDJSON_MEDIA_TYPE, wants_ndjson
 from service.schemas import ClipResponse, ErrorResponse

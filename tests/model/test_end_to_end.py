@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from model import registry
-from model.detect import detect_file
-from service.cli import main
+from model.offline import detect_file
+from model.cli import main
 from tests.conftest import synthetic_frames, write_frames, write_video
 
 TINY = ["--patch-size", "16", "--stride", "16", "--latent-dim", "8", "--patches-per-epoch", "1024",
@@ -43,7 +43,7 @@ def test_detect_json_shape_and_flags(trained_weights: Path, anomalous_clip: Path
 
 def test_detect_is_the_same_in_pieces_and_at_once(trained_weights: Path, anomalous_clip: Path) -> None:
     whole = detect_file(anomalous_clip, trained_weights)
-    from model.detect import scorer_for
+    from model.offline import scorer_for
     from model.data import read_footage
     from model.scoring import FrameStream
 
@@ -110,7 +110,7 @@ def test_different_frame_sizes_across_clips_are_refused(normal_footage, tmp_path
 
 def test_resume_after_a_crash_continues_from_the_last_epoch(normal_footage, tmp_path: Path) -> None:
     weights = tmp_path / "weights"
-    args = [sys.executable, "-m", "service.cli", "train", "--normal", *map(str, normal_footage),
+    args = [sys.executable, "-m", "model.cli", "train", "--normal", *map(str, normal_footage),
             "--weights", str(weights), "--input-mode", "appearance", *TINY[:-1], "4"]
     root = Path(__file__).parents[2]
     process = subprocess.Popen(args, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -171,7 +171,7 @@ def test_torchrun_trains_with_two_cpu_processes(normal_footage, tmp_path: Path) 
     """DistributedDataParallel over gloo: two processes, one published version."""
     weights = tmp_path / "weights"
     torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "service.cli", "train",
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "model.cli", "train",
                "--normal", *map(str, normal_footage), "--weights", str(weights), *TINY[:-1], "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=300, env=env)

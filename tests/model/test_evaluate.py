@@ -38,7 +38,7 @@ def test_minmax_is_per_clip() -> None:
 @pytest.mark.skipif(not PED2_ROOT.is_dir(), reason=f"UCSD Ped2 not found at {PED2_ROOT} (see its README)")
 def test_ped2_smoke_bundled_default_separates_test_clip_01() -> None:
     """Clip 01 (180 frames, frames 60..179 abnormal: a cyclist): abnormal frames must score higher."""
-    from model.detect import detect_file
+    from model.offline import detect_file
 
     if registry.active_version(registry.BUNDLED_WEIGHTS_DIR) is None:
         pytest.skip("no bundled default version in weights/")
@@ -106,7 +106,7 @@ def _tiny_untrained_version(weights: Path) -> None:
 def test_eval_json_has_served_baseline_and_injected_figures(tmp_path: Path, capsys) -> None:
     import json
 
-    from service.cli import main
+    from model.cli import main
 
     root = _ped2_like(tmp_path / "ped2")
     weights, out, plots = tmp_path / "weights", tmp_path / "eval.json", tmp_path / "plots"
@@ -143,7 +143,7 @@ def test_eval_json_has_served_baseline_and_injected_figures(tmp_path: Path, caps
 
 
 def test_eval_inject_bad_input_exits_2(tmp_path: Path, capsys) -> None:
-    from service.cli import main
+    from model.cli import main
 
     weights = tmp_path / "weights"
     _tiny_untrained_version(weights)

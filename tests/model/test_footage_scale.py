@@ -13,7 +13,7 @@ from model.data import EncodedClip, held_out_blocks, split_holdout
 from model.footage_scale import (
     MAX_FRAME_HEIGHT, TARGET_OBJECT_PX, choose_frame_height, fit_input_to_footage, MotionSaturation,
 )
-from model.frames import encode_frames, processing_size
+from model.encoding import encode_frames, processing_size
 
 
 def _walkers(count: int, height: int, width: int, person: int, speed: float, seed: int = 0) -> np.ndarray:

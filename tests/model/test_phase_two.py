@@ -131,8 +131,8 @@ def _d_r_x_auc(weights, clip: np.ndarray, labels: np.ndarray) -> float:
 
     from model import registry
     from model.calibrate import clip_raw_scores, frame_peaks
-    from model.detect import scorer_for
-    from model.frames import encode_frames
+    from model.offline import scorer_for
+    from model.encoding import encode_frames
 
     loaded = registry.load_version(weights, "v0001")
     raw, _ = clip_raw_scores(scorer_for(loaded), encode_frames(clip, loaded.config, fps=10.0))

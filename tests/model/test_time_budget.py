@@ -8,7 +8,7 @@ import pytest
 
 from model import registry
 from model.train import TimeBudgetError, train
-from service.cli import main
+from model.cli import main
 from tests.conftest import tiny_model_config, tiny_train_config
 
 

@@ -5,7 +5,6 @@ server scores the next good request as before."""
 from __future__ import annotations
 
 import json
-import os
 import select
 import socket
 import struct
@@ -159,7 +158,6 @@ def test_image_with_huge_declared_resolution_is_refused_before_decoding(client, 
     monkeypatch.setattr(service.video.cv2, "imdecode", counting_imdecode)
     bomb = png_bomb(40_000, 40_000)  # a valid PNG: 1.6 GB of pixels, a few KiB on the wire
     assert len(bomb) < 200_000
-    from tests.reliability.helpers import jpeg
 
     small_jpeg = jpeg(frames(1)[0])
     sof = small_jpeg.find(b"\xff\xc0")

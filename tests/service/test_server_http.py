@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from model import registry
-from model.detect import scorer_for
+from model.offline import scorer_for
 from model.scoring import FrameStream
 from svc_helpers import (
     HEIGHT, PATCHES_PER_FRAME, WIDTH, jpeg_bytes, jpeg_header_only, metric_families, png_bytes, png_header_only,
@@ -211,7 +211,7 @@ def test_clip_limits(make_client, clip_file: Path, tmp_path: Path) -> None:
 
 
 def test_clip_parity_with_vad_detect(client, clip_file: Path, weights_dir: Path) -> None:
-    from model.detect import detect_file
+    from model.offline import detect_file
 
     expected = detect_file(clip_file, weights_dir)
     body = post_file(client, "/v1/clips", clip_file.read_bytes()).json()

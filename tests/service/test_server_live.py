@@ -14,7 +14,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from model.detect import detect_file
+from model.offline import detect_file
 from service.video import VideoSource
 from svc_helpers import (
     PATCHES_PER_FRAME, histogram_buckets, metric_families, png_bytes, sample_value, synthetic_frames, write_avi,

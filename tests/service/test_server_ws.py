@@ -13,7 +13,7 @@ import pytest
 from starlette.websockets import WebSocketDisconnect
 
 from model import registry
-from model.detect import scorer_for
+from model.offline import scorer_for
 from model.scoring import FrameStream
 from svc_helpers import HEIGHT, WIDTH, png_bytes, png_header_only, synthetic_frames
 

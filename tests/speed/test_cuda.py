@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import registry
-from model.detect import scorer_for
+from model.offline import scorer_for
 from tests.conftest import synthetic_frames
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -29,7 +29,7 @@ def bundled() -> registry.LoadedVersion:
 
 @pytest.fixture(scope="module")
 def patches(bundled: registry.LoadedVersion) -> torch.Tensor:
-    from model.frames import encode_frames
+    from model.encoding import encode_frames
 
     reference = scorer_for(bundled, "cpu", fused=False)
     gray = np.concatenate([synthetic_frames(12, seed=1), synthetic_frames(12, seed=2, anomaly_from=4)])

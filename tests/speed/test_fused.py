@@ -1,4 +1,4 @@
-"""The inference-fused copy of R and D (model/fast.py) scores like the modules it was built from."""
+"""The inference-fused copy of R and D (model/inference.py) scores like the modules it was built from."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
-from model.fast import ORT_TOLERANCE, InferenceEngine, InferenceNets, onnxruntime_available, phase_weight
+from model.inference import ORT_TOLERANCE, InferenceEngine, InferenceNets, onnxruntime_available, phase_weight
 from model.networks import Detector, Refiner
 from model.scoring import COMPONENTS, Scorer
 

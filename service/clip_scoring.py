@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import Response
 
-from model.detect import clip_summary
+from model.offline import clip_summary
 from model.scoring import FrameResult
 from service.deps import Services
 from service.errors import ServiceError, error_body

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from model.config import FLOW_PRESET_NAMES, ConfigError, ModelConfig
-from model.frames import FLOW_PRESETS, encode_frames, to_model_input
+from model.encoding import FLOW_PRESETS, encode_frames, to_model_input
 
 
 def test_appearance_is_the_frame_itself() -> None:

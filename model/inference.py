@@ -132,7 +132,6 @@ class InferenceNets(nn.Module):
         self.side = padded_size(config.patch_size) // 8
         self.channels_last = channels_last
         r1, r2, r3 = config.refiner_channels
-        d1 = detector.config.detector_channels[0]
         self.r1 = r1
         with torch.no_grad():
             enc = refiner.encoder
