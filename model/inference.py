@@ -227,10 +227,10 @@ def onnxruntime_available() -> bool:
     return True
 
 
-class _OrtRunner:
+class OrtRunner:
     """The fused networks exported to ONNX (in memory) and run by ONNX Runtime's CPU provider, whose
     narrow-channel convolutions are faster than oneDNN's here (docs/speed.md). One session; ``Run`` is
-    thread-safe and releases the GIL, so _CpuWorkers can split a batch across threads."""
+    thread-safe and releases the GIL, so CpuWorkers can split a batch across threads."""
 
     def __init__(self, nets: "InferenceNets", channels: int, patch_size: int, threads: int) -> None:
         import io
@@ -305,7 +305,7 @@ class _CudaGraphs:
         return static_out[:n].clone()
 
 
-class _CpuWorkers:
+class CpuWorkers:
     """``count`` threads, each running its share of a batch with one intra-op thread.
 
     On a few cores, splitting a batch across single-threaded workers beats one pass with OpenMP
@@ -389,19 +389,19 @@ class InferenceEngine:
             torch.backends.cudnn.allow_tf32 = False
         self.graphs = _CudaGraphs(self._run) if cuda and cuda_graphs else None
         workers = cpu_workers or CPU_WORKERS or torch.get_num_threads()
-        self.workers = _CpuWorkers(workers) if self.device.type == "cpu" and workers > 1 else None
-        self.ort: _OrtRunner | None = None
+        self.workers = CpuWorkers(workers) if self.device.type == "cpu" and workers > 1 else None
+        self.ort: OrtRunner | None = None
         self.backend = "torch"
         if self.device.type == "cpu" and (backend == "onnxruntime" or (backend == "auto" and onnxruntime_available())):
             self.ort = self._checked_ort(refiner, detector, strict=backend == "onnxruntime")
             self.backend = "onnxruntime" if self.ort is not None else "torch"
 
-    def _checked_ort(self, refiner: Refiner, detector: Detector, strict: bool) -> "_OrtRunner | None":
+    def _checked_ort(self, refiner: Refiner, detector: Detector, strict: bool) -> "OrtRunner | None":
         """An ONNX Runtime copy, kept only if it scores a probe batch like the torch path."""
         config = refiner.config
         try:
             plain = InferenceNets(refiner, detector, channels_last=False, phase_max_cout=0).cpu()
-            runner = _OrtRunner(plain, config.channels, config.patch_size, threads=1 if self.workers else torch.get_num_threads())
+            runner = OrtRunner(plain, config.channels, config.patch_size, threads=1 if self.workers else torch.get_num_threads())
             probe = torch.rand(64, config.channels, config.patch_size, config.patch_size,
                                generator=torch.Generator().manual_seed(0)) * 2 - 1
             with torch.inference_mode():

@@ -19,7 +19,8 @@ def padded_size(patch_size: int) -> int:
     return int(math.ceil(patch_size / 8) * 8)
 
 
-def _pad(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+def pad_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(N, C, P, P) patches reflect-padded to (N, C, padded_size(P), padded_size(P)), as R and D read them."""
     extra = padded_size(patch_size) - patch_size
     if extra == 0:
         return x
@@ -67,7 +68,7 @@ class Refiner(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """R1: patches -> (mu, log-variance) of the latent Z."""
-        h = self.encoder(_pad(x, self.config.patch_size)).flatten(1)
+        h = self.encoder(pad_patches(x, self.config.patch_size)).flatten(1)
         return self.to_mu(h), self.to_logvar(h).clamp(-10.0, 10.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -106,4 +107,4 @@ class Detector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (N,); sigmoid gives D's probability of 'real normal patch'."""
-        return self.head(self.features(_pad(x, self.config.patch_size)).flatten(1)).squeeze(1)
+        return self.head(self.features(pad_patches(x, self.config.patch_size)).flatten(1)).squeeze(1)
