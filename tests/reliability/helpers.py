@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import base64
 import os
-import signal
 import socket
 import struct
-import subprocess
-import sys
-import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -20,6 +16,7 @@ import cv2
 import httpx
 import numpy as np
 
+from service.bench import server_process
 from tests.support import settings_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,85 +109,16 @@ def assert_no_leak(text: str) -> None:
         assert marker not in text, f"{marker!r} in a response: {text[:500]}"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def rss_kib(pid: int) -> int:
-    """Resident memory of a process (VmRSS, KiB), from /proc/<pid>/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
-class ServerProcess:
-    """`python -m service.cli serve` in its own process (its memory measurable apart from the tests')."""
+class ServerProcess(server_process.ServerProcess):
+    """The shared `vad serve` subprocess (service/bench/server_process.py) set up from Settings
+    ``values``: only their VAD_* variables (not the tests' own), log level warning, single-threaded
+    BLAS, unbuffered output appended to ``log_path``."""
 
     def __init__(self, values: dict[str, Any], log_path: Path, port: int | None = None) -> None:
-        self.values = values
-        self.log_path = log_path
-        self.port = port or free_port()
-        self.process: subprocess.Popen | None = None
-        self._log = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self, timeout: float = 90) -> "ServerProcess":
         env = {k: v for k, v in os.environ.items() if not k.startswith("VAD_")}
-        env.update(settings_env({"log_level": "warning", **self.values}))
+        env.update(settings_env({"log_level": "warning", **values}))
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise AssertionError(f"the server exited ({self.process.returncode}): {self.log()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the server was not ready after {timeout} s: {self.log()[-3000:]}")
-            time.sleep(0.1)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def rss_kib(self) -> int:
-        return rss_kib(self.pid)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return self.process.returncode
+        super().__init__(env, log_path=log_path, port=port)
 
 
 class RawWebSocket:
