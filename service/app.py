@@ -23,7 +23,7 @@ from service.metrics import Metrics
 from service.model_store import ModelStore
 from service.routes import clips, frames, health, models, stream, training_jobs
 from service.settings import Settings, get_settings
-from service.training import TrainingService
+from service.jobs.service import TrainingService
 from service.ui import mount_ui
 
 log = logging.getLogger("vad.server")

@@ -17,7 +17,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import logging
 
     from service.settings import Settings
-    from service.worker import run_worker
+    from service.jobs.worker import run_worker
 
     overrides: dict[str, Any] = {}
     for name in ("weights", "data_dir", "device"):

@@ -9,9 +9,10 @@ from fastapi.responses import JSONResponse
 from starlette.requests import HTTPConnection
 
 from service.deps import AdminAuth
-from service.job_store import STATES
+from service.jobs.service import TrainingService
+from service.jobs.store import STATES
+from service.jobs.views import public_job
 from service.schemas import ErrorResponse
-from service.training import TrainingService, public_job
 
 router = APIRouter(prefix="/v1/training-jobs", tags=["training"])
 

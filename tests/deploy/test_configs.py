@@ -21,7 +21,7 @@ import yaml
 from service.cli import build_parser
 from service.metrics import Metrics
 from service.settings import Settings
-from service.training import MAX_TEXT_FIELD_BYTES
+from service.jobs.form import MAX_TEXT_FIELD_BYTES
 from service.uploads import MULTIPART_OVERHEAD_BYTES
 from tests.deploy.conftest import REPO
 from tests.deploy.stack_configs import derive_nginx_config

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from service.errors import InvalidJobRequest
-from service.job_store import SqliteJobStore, new_job_id
-from service.training import auto_decision, display_name, resolve_footage_path
-from service.worker import continued_history
+from service.jobs.activation import auto_decision
+from service.jobs.form import display_name
+from service.jobs.layout import resolve_footage_path
+from service.jobs.store import SqliteJobStore, new_job_id
+from service.jobs.worker import continued_history
 
 
 def make_store(tmp_path: Path) -> SqliteJobStore:
@@ -75,7 +77,7 @@ class ManualClock:
 
 
 def test_expired_lease_requeues_then_fails_after_max_attempts(tmp_path: Path, monkeypatch) -> None:
-    from service import job_store
+    from service.jobs import store as job_store
 
     clock = ManualClock()
     monkeypatch.setattr(job_store, "time", clock)
@@ -164,7 +166,7 @@ def test_display_names_are_never_paths() -> None:
 
 
 def test_resumed_history_follows_the_checkpoint() -> None:
-    from service.job_store import Job
+    from service.jobs.store import Job
 
     job = Job(id="j", state="running", options={}, config={}, footage=[], created_at=0, updated_at=0, attempts=2,
               history=[{"attempt": 1, "phase": "train", "epoch": e} for e in (1, 2, 3)])

@@ -25,7 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from model import registry
-from service.worker import Worker
+from service.jobs.worker import Worker
 from tests.reliability.helpers import assert_clean_error, assert_no_leak, avi_bytes, frames, metric_value, png
 
 

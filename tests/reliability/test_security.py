@@ -19,7 +19,7 @@ import pytest
 from fastapi.routing import APIRoute
 
 from model import registry
-from service.training import upload_dir
+from service.jobs.layout import upload_dir
 from tests.reliability.helpers import REPO, assert_clean_error, assert_no_leak, avi_bytes, frames, png
 
 KEY = "k3y-for-tests"

@@ -1,9 +1,9 @@
 """Training jobs: a durable queue shared by the server (which submits and watches) and the workers.
 
 ``JobStore`` is the interface; ``SqliteJobStore`` is the embedded default, one SQLite file in the data
-folder (``VAD_DATA_DIR/jobs.sqlite3``) opened in WAL mode, so readers never block the writer. A
-server-grade queue (PostgreSQL ``SELECT ... FOR UPDATE SKIP LOCKED``, Redis streams) can replace it by
-implementing the same methods with the same guarantees:
+folder (``VAD_DATA_DIR/jobs.sqlite3``, ``service/jobs/layout.py``) opened in WAL mode, so readers never
+block the writer. A server-grade queue (PostgreSQL ``SELECT ... FOR UPDATE SKIP LOCKED``, Redis streams)
+can replace it by implementing the same methods with the same guarantees:
 
 - ``claim`` hands a queued job to exactly one worker: the expired-lease sweep and the guarded
   ``UPDATE ... WHERE id = ? AND state = 'queued'`` run in one ``BEGIN IMMEDIATE`` transaction, which
@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from service.jobs.layout import database_path
+
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-DB_FILE = "jobs.sqlite3"
 SCHEMA_VERSION = 1
 MAX_EVENTS = 200  # events kept per job (oldest dropped)
 
@@ -203,7 +204,7 @@ class SqliteJobStore:
 
     @classmethod
     def in_data_dir(cls, data_dir: str | Path) -> "SqliteJobStore":
-        return cls(Path(data_dir) / DB_FILE)
+        return cls(database_path(data_dir))
 
     def exists(self) -> bool:
         return self.path.is_file()

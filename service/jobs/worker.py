@@ -31,12 +31,11 @@ from safetensors import safe_open
 from model import registry
 from model.data import FootageError
 from model.train import TrainingCancelled, train
-from service.job_store import Job, JobStore, finite_json
+from service.jobs.layout import checkpoint_dir, remove_job_files, resolve_footage_path, upload_dir
+from service.jobs.options import configs_of
+from service.jobs.store import Job, JobStore, SqliteJobStore, finite_json
 from service.model_store import public_message
 from service.settings import Settings
-from service.training import (
-    checkpoint_dir, configs_of, open_job_store, remove_job_files, resolve_footage_path, upload_dir,
-)
 
 log = logging.getLogger("vad.worker")
 
@@ -107,7 +106,7 @@ def continued_history(job: Job, meta: dict[str, Any] | None) -> list[dict[str, A
 class Worker:
     def __init__(self, settings: Settings, store: JobStore | None = None, worker_id: str | None = None) -> None:
         self.settings = settings
-        self.store = store or open_job_store(settings)
+        self.store = store or SqliteJobStore.in_data_dir(settings.data_dir)
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
 
