@@ -19,11 +19,11 @@ from model import __version__
 from service.batcher import Batcher
 from service.deps import Services
 from service.errors import install_error_handlers
+from service.jobs.service import TrainingService
 from service.metrics import Metrics
 from service.model_store import ModelStore
 from service.routes import clips, frames, health, models, stream, training_jobs
 from service.settings import Settings, get_settings
-from service.jobs.service import TrainingService
 from service.ui import mount_ui
 
 log = logging.getLogger("vad.server")

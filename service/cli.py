@@ -16,8 +16,8 @@ from model.config import FLOW_PRESET_NAMES
 def cmd_worker(args: argparse.Namespace) -> int:
     import logging
 
-    from service.settings import Settings
     from service.jobs.worker import run_worker
+    from service.settings import Settings
 
     overrides: dict[str, Any] = {}
     for name in ("weights", "data_dir", "device"):

@@ -14,16 +14,16 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import parse_options_header
 from starlette.requests import Request
 
 from service.errors import BadRequest, EmptyUpload, MissingFile, UnsupportedMedia, UploadTooLarge
+from service.multipart import MULTIPART_OVERHEAD_BYTES, MultipartReader, PartData, PartStart
 from service.video import SNIFF_BYTES
 
 FILE_FIELD = b"file"
-MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries, part headers and small extra fields
 FLUSH_BYTES = 1 << 20  # file writes are batched and run in a thread
 RAW_TYPES = (b"", b"application/octet-stream")
 RAW_PREFIXES = (b"video/", b"image/")
@@ -36,67 +36,58 @@ class SavedUpload:
     head: bytes  # the first SNIFF_BYTES bytes, for sniffing the format
 
 
-class _FilePart:
-    """python-multipart callbacks that keep only the bytes of the first part named ``file``."""
+class FileSink:
+    """An open file written from the event loop: pieces are batched to FLUSH_BYTES and written in a
+    thread; the first SNIFF_BYTES are kept for sniffing the format."""
 
-    def __init__(self, boundary: bytes) -> None:
-        self.parser = MultipartParser(boundary, {
-            "on_part_begin": self._part_begin,
-            "on_header_field": self._header_field,
-            "on_header_value": self._header_value,
-            "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished,
-            "on_part_data": self._part_data,
-            "on_part_end": self._part_end,
-            "on_end": self._end,
-        })
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.size = 0
+        self.head = bytearray()
+        self._buffer = bytearray()
+
+    async def write(self, piece: bytes) -> None:
+        if len(self.head) < SNIFF_BYTES:
+            self.head.extend(piece[: SNIFF_BYTES - len(self.head)])
+        self.size += len(piece)
+        self._buffer.extend(piece)
+        if len(self._buffer) >= FLUSH_BYTES:
+            data = bytes(self._buffer)
+            self._buffer.clear()
+            await asyncio.to_thread(self.handle.write, data)
+
+    async def close(self) -> None:
+        """Write what is left and close the file."""
+        if self._buffer:
+            await asyncio.to_thread(self.handle.write, bytes(self._buffer))
+            self._buffer.clear()
+        await asyncio.to_thread(self.handle.close)
+
+
+class _FirstFilePart:
+    """The bytes of the first part named ``file`` in a multipart body; other parts are skipped."""
+
+    def __init__(self, boundary: bytes | None) -> None:
+        self.reader = MultipartReader(boundary)
         self.found = False
-        self.finished = False
-        self.pending: list[bytes] = []
-        self._in_file = False
-        self._field = bytearray()
-        self._value = bytearray()
-        self._headers: dict[bytes, bytes] = {}
-
-    def _part_begin(self) -> None:
-        self._headers = {}
-
-    def _header_field(self, data: bytes, start: int, end: int) -> None:
-        self._field += data[start:end]
-
-    def _header_value(self, data: bytes, start: int, end: int) -> None:
-        self._value += data[start:end]
-
-    def _header_end(self) -> None:
-        self._headers[bytes(self._field).lower()] = bytes(self._value)
-        self._field.clear()
-        self._value.clear()
-
-    def _headers_finished(self) -> None:
-        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
-        self._in_file = not self.found and options.get(b"name") == FILE_FIELD
-        self.found = self.found or self._in_file
-
-    def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._in_file:
-            self.pending.append(bytes(data[start:end]))
-
-    def _part_end(self) -> None:
-        self._in_file = False
-
-    def _end(self) -> None:
-        self.finished = True
+        self._inside = False
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        try:
-            self.parser.write(chunk)
-        except FormParserError as exc:
-            raise BadRequest(f"malformed multipart body ({exc})") from exc
-        out, self.pending = self.pending, []
-        return out
+        pieces = []
+        for event in self.reader.feed(chunk):
+            if isinstance(event, PartStart):
+                self._inside = not self.found and event.name == FILE_FIELD
+                self.found = self.found or self._inside
+            elif isinstance(event, PartData):
+                if self._inside:
+                    pieces.append(event.data)
+            else:
+                self._inside = False
+        return pieces
 
 
-def _declared_length(request: Request) -> int | None:
+def declared_length(request: Request) -> int | None:
+    """The request's Content-Length; None when it has none, BadRequest when it is not a number."""
     value = request.headers.get("content-length")
     if value is None:
         return None
@@ -116,15 +107,10 @@ async def stream_file_bytes(request: Request, limit: int, on_data: Callable[[byt
     if not multipart and not (content_type in RAW_TYPES or content_type.startswith(RAW_PREFIXES)):
         raise UnsupportedMedia("send the file as multipart/form-data (field 'file') or as the raw body")
     body_limit = limit + (MULTIPART_OVERHEAD_BYTES if multipart else 0)
-    declared = _declared_length(request)
+    declared = declared_length(request)
     if declared is not None and declared > body_limit:
         raise UploadTooLarge(f"the upload is over the limit of {limit} bytes")
-    part: _FilePart | None = None
-    if multipart:
-        boundary = options.get(b"boundary")
-        if not boundary:
-            raise BadRequest("multipart/form-data without a boundary")
-        part = _FilePart(boundary)
+    part = _FirstFilePart(options.get(b"boundary")) if multipart else None
     body_size = file_size = 0
     async for chunk in request.stream():
         body_size += len(chunk)
@@ -139,8 +125,7 @@ async def stream_file_bytes(request: Request, limit: int, on_data: Callable[[byt
                 raise UploadTooLarge(f"the upload is over the limit of {limit} bytes")
             await on_data(piece)
     if part is not None:
-        if not part.finished:
-            raise BadRequest("the multipart body is truncated")
+        part.reader.close()
         if not part.found:
             raise MissingFile("no file in the form field 'file'")
     if file_size == 0:
@@ -163,26 +148,12 @@ async def receive_file(request: Request, limit: int, directory: Path) -> SavedUp
     """The uploaded file written to a fresh temp file in ``directory`` (removed again on any error)."""
     descriptor, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=directory)
     path = Path(name)
-    handle = os.fdopen(descriptor, "wb")
-    buffer = bytearray()
-    head = bytearray()
-
-    async def write(piece: bytes) -> None:
-        if len(head) < SNIFF_BYTES:
-            head.extend(piece[: SNIFF_BYTES - len(head)])
-        buffer.extend(piece)
-        if len(buffer) >= FLUSH_BYTES:
-            data = bytes(buffer)
-            buffer.clear()
-            await asyncio.to_thread(handle.write, data)
-
+    sink = FileSink(os.fdopen(descriptor, "wb"))
     try:
-        size = await stream_file_bytes(request, limit, write)
-        if buffer:
-            await asyncio.to_thread(handle.write, bytes(buffer))
-        await asyncio.to_thread(handle.close)
+        size = await stream_file_bytes(request, limit, sink.write)
+        await sink.close()
     except BaseException:
-        handle.close()
+        sink.handle.close()
         path.unlink(missing_ok=True)
         raise
-    return SavedUpload(path, size, bytes(head))
+    return SavedUpload(path, size, bytes(sink.head))

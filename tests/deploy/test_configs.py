@@ -19,10 +19,10 @@ import pytest
 import yaml
 
 from service.cli import build_parser
-from service.metrics import Metrics
-from service.settings import Settings
 from service.jobs.form import MAX_TEXT_FIELD_BYTES
-from service.uploads import MULTIPART_OVERHEAD_BYTES
+from service.metrics import Metrics
+from service.multipart import MULTIPART_OVERHEAD_BYTES
+from service.settings import Settings
 from tests.deploy.conftest import REPO
 from tests.deploy.stack_configs import derive_nginx_config
 
