@@ -10,15 +10,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.config import TrainConfig
+from model.config import CalibrationConfig
 from model.data import EncodedClip
 from model.patches import GridShape
-from model.scoring import COMPONENTS, Calibration, Scorer, causal_mean, patch_scores, sigmoid_width
+from model.scoring import COMPONENTS, Calibration, PatchScorer, causal_mean, patch_scores, sigmoid_width
 
 FRAMES_PER_CHUNK = 32
 
 
-def clip_raw_scores(scorer: Scorer, channels: np.ndarray) -> tuple[torch.Tensor, GridShape]:
+def clip_raw_scores(scorer: PatchScorer, channels: np.ndarray) -> tuple[torch.Tensor, GridShape]:
     """(T, C, H, W) uint8 channels of one clip -> ((T, patches per frame, 3) components, grid)."""
     parts = []
     grid = GridShape(0, 0)
@@ -65,27 +65,27 @@ def threshold_from_normal(
 
 
 def fit_calibration(
-    scorer: Scorer, holdout: list[EncodedClip], train_config: TrainConfig
+    scorer: PatchScorer, holdout: list[EncodedClip], settings: CalibrationConfig
 ) -> Calibration:
-    """Calibrate ``train_config.score_mode`` on held-out normal clips."""
+    """Calibrate ``settings.score_mode`` on held-out normal clips."""
     raws = [clip_raw_scores(scorer, clip.channels)[0] for clip in holdout if clip.frames > 0]
     if not raws:
         raise ValueError("no held-out normal frames to calibrate on")
     center, scale = component_statistics(raws)
     draft = Calibration(
-        score_mode=train_config.score_mode,
+        score_mode=settings.score_mode,
         threshold=0.0,
         reject_band=(0.0, 0.0),
-        smoothing_frames=train_config.smoothing_frames,
+        smoothing_frames=settings.smoothing_frames,
         component_center=center,
         component_scale=scale,
         map_width=1.0,
-        false_alarm_rate=train_config.false_alarm_rate,
-        fusion_weights=dict(train_config.fusion_weights),
+        false_alarm_rate=settings.false_alarm_rate,
+        fusion_weights=dict(settings.fusion_weights),
     )
     per_segment = [causal_mean(frame_peaks(raw, draft.score_mode, draft), draft.smoothing_frames) for raw in raws]
     scores = np.concatenate(per_segment)
-    threshold, band = threshold_from_normal(scores, train_config.false_alarm_rate, train_config.reject_band)
+    threshold, band = threshold_from_normal(scores, settings.false_alarm_rate, settings.reject_band)
     median = float(np.median(scores))
     return Calibration(
         score_mode=draft.score_mode,
@@ -95,15 +95,15 @@ def fit_calibration(
         component_center=center,
         component_scale=scale,
         map_width=sigmoid_width(threshold, median),
-        false_alarm_rate=train_config.false_alarm_rate,
+        false_alarm_rate=settings.false_alarm_rate,
         normal_frame_quantiles={
             "q50": median,
             "q90": float(np.quantile(scores, 0.9)),
             "q99": float(np.quantile(scores, 0.99)),
             "frames": float(len(scores)),
         },
-        fusion_weights=dict(train_config.fusion_weights),
-        holdout_check=second_slice_check(per_segment, train_config.false_alarm_rate),
+        fusion_weights=dict(settings.fusion_weights),
+        holdout_check=second_slice_check(per_segment, settings.false_alarm_rate),
     )
 
 

@@ -15,7 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from model.config import FLOW_PRESET_NAMES, NEGATIVE_KINDS, SCORE_MODES, ModelConfig, TrainConfig
+from model.config import (
+    DEFAULT_INPUT_MODE, FLOW_PRESET_NAMES, INPUT_MODES, NEGATIVE_KINDS, SCORE_MODES, CalibrationConfig, ModelConfig,
+    TrainConfig,
+)
 from model.devices import DEVICE_PATTERN
 from model.inject import INJECT_KINDS
 
@@ -57,6 +60,12 @@ def _frame_size(value: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
+def _calibration_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The CalibrationConfig fields given on the command line (--score-mode, --smoothing, --false-alarm-rate)."""
+    return {name: getattr(args, name) for name in ("score_mode", "smoothing_frames", "false_alarm_rate")
+            if getattr(args, name) is not None}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from model.train import train
 
@@ -76,8 +85,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.score_mode = "d_r_x"  # no motion channel: the paper's score
     if args.phase_two_negatives:
         train_fields["phase_two_negatives"] = tuple(args.phase_two_negatives.split(","))
-    for name in ("max_epochs", "time_budget_s", "patches_per_epoch", "batch_size", "score_mode",
-                 "smoothing_frames", "false_alarm_rate", "seed", "pseudo_anomaly_share", "phase_two_steps"):
+    for name in ("max_epochs", "time_budget_s", "patches_per_epoch", "batch_size", "seed", "pseudo_anomaly_share",
+                 "phase_two_steps"):
         value = getattr(args, name)
         if value is not None:
             train_fields[name] = value
@@ -90,6 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         parent_version=args.parent,
         reject_and_refine=args.reject_and_refine,
+        calibration_config=CalibrationConfig(**_calibration_fields(args)),
     )
     if result.version is not None:
         cal = result.manifest["calibration"]
@@ -103,10 +113,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from model.recalibrate import recalibrate
     from model.registry import read_manifest
 
-    overrides = {name: getattr(args, name) for name in ("score_mode", "smoothing_frames", "false_alarm_rate")
-                 if getattr(args, name) is not None}
     weights = weights_dir_arg(args.weights)
-    version = recalibrate(weights, args.version, args.normal, **overrides)
+    version = recalibrate(weights, args.version, args.normal, **_calibration_fields(args))
     manifest = read_manifest(weights, version)
     cal = manifest["calibration"]
     print(f"published {version} in {weights}: {args.version}'s networks, score {cal['score_mode']} "
@@ -177,8 +185,7 @@ def add_model_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]
     train = sub.add_parser("train", help="train on normal footage and publish weights/vNNNN")
     train.add_argument("--normal", nargs="+", required=True, help="video files or frame folders of normal activity")
     train.add_argument("--weights", help="weights folder (default: VAD_WEIGHTS_DIR or the bundled weights/)")
-    train.add_argument("--input-mode", default="appearance+flow",
-                       choices=["appearance", "appearance+motion", "appearance+flow"])
+    train.add_argument("--input-mode", default=DEFAULT_INPUT_MODE, choices=list(INPUT_MODES))
     train.add_argument("--flow-preset", choices=list(FLOW_PRESET_NAMES),
                        help=f"optical flow of appearance+flow input (default {ModelConfig.flow_preset})")
     train.add_argument("--patch-size", type=int)

@@ -20,6 +20,8 @@ NEGATIVE_KINDS: tuple[str, ...] = ("average", "speed", "motion_swap", "paste")
 # What versions published before ``flow_preset`` was a setting were trained with (their manifests
 # have no such key).
 LEGACY_FLOW_PRESET = "farneback"
+# The input `vad train`, a training job and ModelConfig() use when none is named.
+DEFAULT_INPUT_MODE: InputMode = "appearance+flow"
 
 
 class ConfigError(ValueError):
@@ -41,7 +43,7 @@ class ModelConfig:
     both, and ``flow_scale_px``, from the normal footage a version is trained on.
     """
 
-    input_mode: InputMode = "appearance+motion"
+    input_mode: InputMode = DEFAULT_INPUT_MODE
     patch_size: int = 30
     stride: int = 30
     latent_dim: int = 64
@@ -105,7 +107,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How R and D are trained (eq. 5 of the paper) and when training stops."""
+    """How R and D are trained (eq. 5 of the paper) and when training stops. How the trained pair is
+calibrated into decisions is CalibrationConfig's."""
 
     lambda_rec: float = 0.4  # lambda1
     lambda_kl: float = 0.2  # lambda2
@@ -141,39 +144,19 @@ class TrainConfig:
     # best ranking; adding the appearance kinds cost 2-6 points of AUC (docs/model.md has the table).
     phase_two_negatives: tuple[str, ...] = ("speed",)
     r_old_epoch: int = 1
-    false_alarm_rate: float = 0.01  # tau: this share of held-out normal frames is flagged
-    reject_band: tuple[float, float] = (0.005, 0.05)  # false-alarm rates bounding "uncertain"
-    # The served frame score and its causal window (docs/model.md has every mode's Ped2 figures).
-    score_mode: ScoreMode = "fused"
-    smoothing_frames: int = 5
-    # ``fused``: components standardised on held-out normal frames, summed with these weights. Its
-    # core is the network's D(R(X)); R's reconstruction error adds what R cannot reproduce (objects
-    # of a kind never seen), the motion energy what a 30x30 patch's D misses of speed.
-    fusion_weights: dict[str, float] = field(
-        default_factory=lambda: {"d_r_x": 1.0, "reconstruction": 1.0, "motion": 1.0}
-    )
     seed: int = 0
     # Choose the processing scale, the flow's full scale and the reference frame rate from the normal
     # footage (model/footage_scale.py); off = frames as they come, flow_scale_px as set.
     fit_input_to_footage: bool = True
 
     def __post_init__(self) -> None:
-        if self.score_mode not in SCORE_MODES:
-            raise ConfigError(f"score_mode must be one of {SCORE_MODES}, got {self.score_mode!r}")
-        if not 0 < self.false_alarm_rate < 0.5:
-            raise ConfigError(f"false_alarm_rate must be within (0, 0.5), got {self.false_alarm_rate}")
-        low, high = self.reject_band
-        if not 0 < low <= self.false_alarm_rate <= high < 1:
-            raise ConfigError("reject_band must be two false-alarm rates around false_alarm_rate")
         if self.batch_size < 2:
             raise ConfigError("batch_size must be at least 2 (batch norm)")
         if not 0 <= self.pseudo_anomaly_share <= 1:
             raise ConfigError(f"pseudo_anomaly_share must be within [0, 1], got {self.pseudo_anomaly_share}")
+        object.__setattr__(self, "pseudo_speedup", tuple(self.pseudo_speedup))  # a list when read from JSON
         if not 1 < self.pseudo_speedup[0] <= self.pseudo_speedup[1]:
             raise ConfigError(f"pseudo_speedup must be (low, high) with 1 < low <= high, got {self.pseudo_speedup}")
-        components = set(SCORE_MODES) - {"fused"}
-        if not self.fusion_weights or set(self.fusion_weights) - components:
-            raise ConfigError(f"fusion_weights must name scores of {sorted(components)}, got {sorted(self.fusion_weights)}")
         unknown = set(self.phase_two_negatives) - set(NEGATIVE_KINDS)
         if unknown:
             raise ConfigError(f"phase_two_negatives: unknown kinds {sorted(unknown)} (known: {list(NEGATIVE_KINDS)})")
@@ -186,3 +169,58 @@ class TrainConfig:
             raise ConfigError(f"r_old_epoch must be at least 1, got {self.r_old_epoch}")
         if not 0 < self.holdout_fraction < 0.5:
             raise ConfigError(f"holdout_fraction must be within (0, 0.5), got {self.holdout_fraction}")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How the trained networks' scores become decisions: the served frame score, its causal window
+    and tau, all fitted on held-out normal frames (model/calibrate.py). Training and `vad calibrate`
+    both use it; a version's manifest keeps it as ``calibration_config``."""
+
+    # The served frame score and its causal window (docs/model.md has every mode's Ped2 figures).
+    score_mode: ScoreMode = "fused"
+    smoothing_frames: int = 5
+    false_alarm_rate: float = 0.01  # tau: this share of held-out normal frames is flagged
+    reject_band: tuple[float, float] = (0.005, 0.05)  # false-alarm rates bounding "uncertain"
+    # ``fused``: components standardised on held-out normal frames, summed with these weights. Its
+    # core is the network's D(R(X)); R's reconstruction error adds what R cannot reproduce (objects
+    # of a kind never seen), the motion energy what a 30x30 patch's D misses of speed.
+    fusion_weights: dict[str, float] = field(
+        default_factory=lambda: {"d_r_x": 1.0, "reconstruction": 1.0, "motion": 1.0}
+    )
+
+    def __post_init__(self) -> None:
+        if self.score_mode not in SCORE_MODES:
+            raise ConfigError(f"score_mode must be one of {SCORE_MODES}, got {self.score_mode!r}")
+        if self.smoothing_frames < 1:
+            raise ConfigError(f"smoothing_frames must be at least 1, got {self.smoothing_frames}")
+        if not 0 < self.false_alarm_rate < 0.5:
+            raise ConfigError(f"false_alarm_rate must be within (0, 0.5), got {self.false_alarm_rate}")
+        object.__setattr__(self, "reject_band", tuple(self.reject_band))  # a list when read from JSON
+        low, high = self.reject_band
+        if not 0 < low <= self.false_alarm_rate <= high < 1:
+            raise ConfigError("reject_band must be two false-alarm rates around false_alarm_rate")
+        components = set(SCORE_MODES) - {"fused"}
+        if not self.fusion_weights or set(self.fusion_weights) - components:
+            raise ConfigError(f"fusion_weights must name scores of {sorted(components)}, got {sorted(self.fusion_weights)}")
+
+    def check_input(self, model_config: ModelConfig) -> None:
+        """The one check that a score fits a version's input: ``motion`` needs a motion channel."""
+        if self.score_mode == "motion" and model_config.channels == 1:
+            raise ConfigError(f"score mode 'motion' needs a motion channel; input mode {model_config.input_mode!r} has none")
+
+
+CALIBRATION_FIELDS = frozenset(f.name for f in fields(CalibrationConfig))
+
+
+def split_train_settings(data: dict[str, Any]) -> tuple[TrainConfig, CalibrationConfig]:
+    """Training settings written as one dict (VAD_TRAINING_CONFIG, a queued job, the ``train_config``
+    of manifests up to v0003, which also held the calibration settings) -> the two configs.
+    Raises ConfigError naming unknown settings."""
+    known = {f.name for f in fields(TrainConfig)} | CALIBRATION_FIELDS
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown training settings: {sorted(unknown)}")
+    train = {k: v for k, v in data.items() if k not in CALIBRATION_FIELDS}
+    calibration = {k: v for k, v in data.items() if k in CALIBRATION_FIELDS}
+    return TrainConfig(**train), CalibrationConfig(**calibration)

@@ -85,6 +85,21 @@ def read_footage(path: str | Path, max_frames: int | None = None) -> Clip:
     return _read_video_file(path, max_frames)
 
 
+def load_normal_footage(paths: list[str | Path], max_frames: int | None = None) -> list[Clip]:
+    """Read every clip; all must share one frame size (a fixed camera)."""
+    if not paths:
+        raise FootageError("no normal footage given")
+    clips = [read_footage(p, max_frames) for p in paths]
+    first = clips[0]
+    for path, clip in zip(paths, clips):
+        if clip.gray.shape[1:] != first.gray.shape[1:]:
+            raise FootageError(
+                f"{path}: frame size {clip.gray.shape[2]}x{clip.gray.shape[1]} differs from "
+                f"{first.gray.shape[2]}x{first.gray.shape[1]} of {paths[0]} (one camera per model)"
+            )
+    return clips
+
+
 def footage_digest(clips: list[Clip]) -> str:
     """sha256 over every frame, recorded in the manifest so a version names the footage it learned."""
     digest = hashlib.sha256()

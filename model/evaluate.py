@@ -31,7 +31,7 @@ from model.data import read_footage
 from model.offline import scorer_for
 from model.footage_scale import MotionSaturation
 from model.encoding import encode_frames
-from model.scoring import Scorer, causal_mean
+from model.scoring import PatchScorer, causal_mean
 
 PAPER_MODES = ("d_r_x", "d_x", "reconstruction")  # the modes of the --json summary
 PED2_TEST_CLIPS = 12
@@ -87,7 +87,7 @@ def minmax_per_clip(scores: list[np.ndarray]) -> np.ndarray:
 
 
 def stream_peaks(
-    scorer: Scorer, channels: np.ndarray, loaded: registry.LoadedVersion, modes: Sequence[str]
+    scorer: PatchScorer, channels: np.ndarray, loaded: registry.LoadedVersion, modes: Sequence[str]
 ) -> dict[str, np.ndarray]:
     """One stream's unsmoothed frame scores of each mode from its encoded ``channels`` (encoded as
     one stream: the first frame has no predecessor), exactly as every evaluation here scores a clip."""
@@ -230,7 +230,7 @@ def _progress(items: Sequence[Any], shown: bool, description: str, unit: str) ->
 
 
 def _injected_figures(
-    scorer: Scorer, loaded: registry.LoadedVersion, runs: list[inject.NormalRun], clip_names: list[str],
+    scorer: PatchScorer, loaded: registry.LoadedVersion, runs: list[inject.NormalRun], clip_names: list[str],
     seed: int, copies: int, progress: bool, fps: float,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Served and motion scores of every run's clean and injected streams -> (the summary's

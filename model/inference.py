@@ -1,4 +1,4 @@
-"""An eval-only, inference-fused copy of R and D, built once when a Scorer is created.
+"""An eval-only, inference-fused copy of R and D, built once when a PatchScorer is created.
 
 What it changes (never the trained weights, which stay in the original modules):
 - every batch norm is folded into the convolution / linear layer before it (eval-mode batch norm
@@ -12,8 +12,8 @@ What it changes (never the trained weights, which stay in the original modules):
 - a transposed convolution (kernel 4, stride 2, padding 1) with few output channels runs as the
   equivalent 3x3 convolution producing the 4 sub-pixel phases, then a pixel shuffle (``PHASE_MAX_COUT``).
 
-``InferenceNets(refiner, detector)(x) -> (N, 3)`` computes [d_r_x, d_x, reconstruction] exactly as
-``Scorer`` defines them, equal to the unfused networks within float32 rounding (tests/speed checks
+``FusedNets(refiner, detector)(x) -> (N, 3)`` computes [d_r_x, d_x, reconstruction] exactly as
+``PatchScorer`` defines them, equal to the unfused networks within float32 rounding (tests/speed checks
 1e-4 relative). Everything here is plain PyTorch: it runs on CUDA as it does on the CPU.
 """
 
@@ -120,7 +120,7 @@ def _nhwc_linear_in(linear: nn.Linear, channels: int, side: int) -> tuple[torch.
     return w.contiguous(), linear.bias.detach().clone()
 
 
-class InferenceNets(nn.Module):
+class FusedNets(nn.Module):
     """Eval-only fused R + D: (N, C, P, P) patches in [-1, 1] -> (N, 3) [d_r_x, d_x, reconstruction]."""
 
     def __init__(self, refiner: Refiner, detector: Detector, channels_last: bool = True,
@@ -232,7 +232,7 @@ class OrtRunner:
     narrow-channel convolutions are faster than oneDNN's here (docs/speed.md). One session; ``Run`` is
     thread-safe and releases the GIL, so CpuWorkers can split a batch across threads."""
 
-    def __init__(self, nets: "InferenceNets", channels: int, patch_size: int, threads: int) -> None:
+    def __init__(self, nets: "FusedNets", channels: int, patch_size: int, threads: int) -> None:
         import io
         import warnings
 
@@ -360,7 +360,7 @@ def dedicate_cpu_to_workers() -> int:
 
 
 class InferenceEngine:
-    """Runs ``InferenceNets`` on a device: batching into chunks, precision and CUDA graphs on a GPU.
+    """Runs ``FusedNets`` on a device: batching into chunks, precision and CUDA graphs on a GPU.
 
     - CPU: float32 always (no autocast: bf16 without AMX/AVX512-BF16 hardware is slower, and changes
       scores). Chunks of at most ``batch_size`` patches.
@@ -379,7 +379,7 @@ class InferenceEngine:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.device = torch.device(device)
-        self.nets = InferenceNets(refiner, detector).to(self.device)
+        self.nets = FusedNets(refiner, detector).to(self.device)
         cuda = self.device.type == "cuda"
         self.precision = precision if cuda else "float32"
         if cuda and self.precision == "float32":
@@ -400,7 +400,7 @@ class InferenceEngine:
         """An ONNX Runtime copy, kept only if it scores a probe batch like the torch path."""
         config = refiner.config
         try:
-            plain = InferenceNets(refiner, detector, channels_last=False, phase_max_cout=0).cpu()
+            plain = FusedNets(refiner, detector, channels_last=False, phase_max_cout=0).cpu()
             runner = OrtRunner(plain, config.channels, config.patch_size, threads=1 if self.workers else torch.get_num_threads())
             probe = torch.rand(64, config.channels, config.patch_size, config.patch_size,
                                generator=torch.Generator().manual_seed(0)) * 2 - 1

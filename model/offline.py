@@ -1,4 +1,5 @@
-"""Offline clip scoring: the JSON shape `vad detect` writes and `POST /v1/clips` returns."""
+"""Offline clip scoring: `vad detect` and `vad eval` score whole clips through the same FrameStream as the
+server (model/results.py owns the JSON they produce)."""
 
 from __future__ import annotations
 
@@ -11,33 +12,20 @@ import torch
 
 from model import registry
 from model.data import read_footage
-from model.scoring import FrameResult, FrameStream, Scorer
+from model.results import FrameResult, clip_summary
+from model.scoring import FrameStream, PatchScorer
 
 FRAMES_PER_BATCH = 16
 
 
-def scorer_for(loaded: registry.LoadedVersion, device: str | torch.device = "cpu", **options: Any) -> Scorer:
-    """A Scorer for a loaded version; ``options``: Scorer keyword arguments (fused, skip, precision, cuda_graphs)."""
-    return Scorer(loaded.refiner, loaded.detector, loaded.config, loaded.calibration, device, **options)
+def scorer_for(loaded: registry.LoadedVersion, device: str | torch.device = "cpu", **options: Any) -> PatchScorer:
+    """A PatchScorer for a loaded version; ``options``: PatchScorer keyword arguments (fused, skip, precision, cuda_graphs)."""
+    return PatchScorer(loaded.refiner, loaded.detector, loaded.config, loaded.calibration, device, **options)
 
 
-def iter_frame_results(scorer: Scorer, gray: np.ndarray, fps: float) -> Iterator[FrameResult]:
+def iter_frame_results(scorer: PatchScorer, gray: np.ndarray, fps: float) -> Iterator[FrameResult]:
     """Score a clip in chunks, yielding each frame's result as soon as its chunk is done."""
     return FrameStream(scorer, fps).score_clip(gray, FRAMES_PER_BATCH)
-
-
-def clip_summary(
-    version: str, threshold: float, fps: float, results: list[FrameResult], include_maps: bool, timings: dict[str, float]
-) -> dict[str, Any]:
-    return {
-        "model_version": version,
-        "threshold": threshold,
-        "fps": fps,
-        "frame_count": len(results),
-        "anomalous_frames": [r.index for r in results if r.anomalous],
-        "frames": [r.to_dict(include_maps) for r in results],
-        "timings": timings,
-    }
 
 
 def detect_file(

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from model import __version__
 from model.config import ConfigError, ModelConfig
+from model.manifest import VersionManifest
 from model.networks import Detector, Refiner
 from model.scoring import Calibration
 
@@ -48,11 +49,18 @@ class VersionNotFound(RegistryError):
 @dataclass
 class LoadedVersion:
     version: str
-    manifest: dict[str, Any]
-    config: ModelConfig
-    calibration: Calibration
+    manifest: dict[str, Any]  # as published (what the API shows)
+    parsed_manifest: VersionManifest  # its configs and calibration, typed
     refiner: Refiner
     detector: Detector
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.parsed_manifest.model_config
+
+    @property
+    def calibration(self) -> Calibration:
+        return self.parsed_manifest.calibration
 
 
 def validate_version_name(version: str) -> str:
@@ -140,7 +148,7 @@ def publish(
     weights_dir: str | Path,
     refiner: Refiner,
     detector: Detector,
-    manifest_fields: dict[str, Any],
+    manifest: VersionManifest,
 ) -> str:
     """Write a new version atomically and return its name. Never touches an existing version."""
     root = Path(weights_dir)
@@ -149,14 +157,13 @@ def publish(
     try:
         weights_path = staging / WEIGHTS_FILE
         save_file(state_tensors(refiner, detector), str(weights_path))
-        manifest = {
+        written = {
             "format": MANIFEST_FORMAT,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "package_version": __version__,
-            **manifest_fields,
+            **manifest.to_dict(),
             "weights_sha256": _sha256(weights_path),
         }
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         # mkdtemp makes 0700: a version must be readable by the server's user (another user in
         # containers), like any published file
         staging.chmod(0o755)
@@ -164,8 +171,8 @@ def publish(
         while True:
             last = latest_version(root)
             version = f"v{(int(last[1:]) + 1) if last else 1:04d}"
-            manifest["version"] = version
-            (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            written["version"] = version
+            (staging / MANIFEST_FILE).write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
             _fsync_tree(staging)
             try:
                 # rename() onto an existing non-empty folder fails, so two publishers never share a name.
@@ -203,10 +210,10 @@ def load_version(weights_dir: str | Path, version: str, device: str | torch.devi
     if _sha256(weights_path) != manifest.get("weights_sha256"):
         raise RegistryError(f"{version}: {WEIGHTS_FILE} does not match the manifest's sha256")
     try:
-        config = ModelConfig.from_saved(manifest["model_config"])
-        calibration = Calibration.from_dict(manifest["calibration"])
+        parsed = VersionManifest.from_dict(manifest)
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise RegistryError(f"{version}: manifest has no valid model_config/calibration ({exc})") from exc
+    config = parsed.model_config
     try:
         tensors = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
@@ -226,6 +233,4 @@ def load_version(weights_dir: str | Path, version: str, device: str | torch.devi
                     f"the model needs {tuple(expected[name].shape)}"
                 )
         network.load_state_dict(found)
-    return LoadedVersion(
-        version, manifest, config, calibration, refiner.to(device).eval(), detector.to(device).eval()
-    )
+    return LoadedVersion(version, manifest, parsed, refiner.to(device).eval(), detector.to(device).eval())

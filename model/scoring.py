@@ -30,6 +30,7 @@ from model.inference import InferenceEngine
 from model.encoding import FLOW_PRESETS, encode_frames, to_model_input
 from model.networks import Detector, Refiner
 from model.patches import GridShape, to_patches
+from model.results import FrameResult
 
 COMPONENTS = ("d_r_x", "d_x", "reconstruction", "motion")
 NETWORK_COMPONENTS = 3  # the first three come from R and D; "motion" is read off the input
@@ -121,7 +122,7 @@ class SkipUnchanged:
 
 
 # On by default (docs/speed.md: speed and Ped2 EER of each score mode at several settings).
-# ``Scorer(skip=None)`` scores every patch.
+# ``PatchScorer(skip=None)`` scores every patch.
 DEFAULT_SKIP: SkipUnchanged | None = SkipUnchanged()
 
 
@@ -136,7 +137,7 @@ def motion_energy(patches: torch.Tensor) -> torch.Tensor:
     return patches[:, 1].flatten(1).float().mean(1, keepdim=True).add(1.0).mul(0.5).cpu()
 
 
-class Scorer:
+class PatchScorer:
     """R and D in eval mode on one device; turns patch batches into raw components."""
 
     def __init__(
@@ -205,28 +206,6 @@ class Scorer:
         return to_patches(frames, self.config.patch_size, self.config.stride)
 
 
-@dataclass
-class FrameResult:
-    index: int
-    timestamp_s: float
-    score: float
-    anomalous: bool
-    uncertain: bool
-    map: np.ndarray  # (rows, cols) patch anomaly in [0, 1]
-
-    def to_dict(self, include_map: bool = True) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "index": self.index,
-            "timestamp_s": round(self.timestamp_s, 6),
-            "score": self.score,
-            "anomalous": self.anomalous,
-            "uncertain": self.uncertain,
-        }
-        if include_map:
-            data["map"] = np.round(self.map, 4).tolist()
-        return data
-
-
 class FrameStream:
     """Per-stream state: the previous frame (motion channel), the causal smoothing window and, with
     ``skip`` (default: the scorer's ``skip``), each patch as last scored with its components.
@@ -236,7 +215,7 @@ class FrameStream:
     ``finish`` takes their components and fills in the reused ones (call them in pairs, in order).
     """
 
-    def __init__(self, scorer: Scorer, fps: float = 10.0, skip: "SkipUnchanged | None | str" = "scorer") -> None:
+    def __init__(self, scorer: PatchScorer, fps: float = 10.0, skip: "SkipUnchanged | None | str" = "scorer") -> None:
         if scorer.calibration is None:
             raise ValueError("scoring frames needs a calibrated model (tau and component statistics)")
         self.scorer = scorer
@@ -254,6 +233,16 @@ class FrameStream:
         # every patch's raw components of the last finished chunk, reused ones filled in: what the
         # score of any mode is computed from (docs/speed.md measures each mode's EER with it)
         self.last_raw: torch.Tensor | None = None
+
+    def seek(self, index: int, fps: float) -> None:
+        """The next frame is frame ``index`` of a stream at ``fps`` (a live stream's frames carry their
+        own sequence numbers, dropped frames included, and may change rate)."""
+        self.next_index, self.fps = index, fps
+
+    def carry_motion_from(self, other: "FrameStream") -> None:
+        """Continue another stream's motion: its last frame becomes this one's predecessor (a live
+        stream moving to a new version keeps its motion channel)."""
+        self.previous = other.previous
 
     def prepare(self, gray: np.ndarray) -> tuple[torch.Tensor, GridShape, int]:
         """(T, H, W) uint8 frames -> (patches to score, grid, T); advances the motion state."""

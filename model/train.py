@@ -21,7 +21,6 @@ Under torchrun each process samples its own patches and DistributedDataParallel 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
@@ -32,63 +31,29 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
-from sklearn.metrics import roc_auc_score
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model import registry
 from model.calibrate import fit_calibration
-from model.config import ConfigError, ModelConfig, TrainConfig
+from model.checkpoints import BestParameters, load_checkpoint, remove_checkpoints, save_checkpoint
+from model.config import CalibrationConfig, ModelConfig, TrainConfig
+from model.data import EncodedClip, FootageError, PatchSampler, encode_clips, footage_digest, load_normal_footage, split_holdout
 from model.devices import resolve_device
-from model.data import (
-    EncodedClip,
-    FootageError,
-    PatchSampler,
-    encode_clips,
-    footage_digest,
-    read_footage,
-    split_holdout,
-)
 from model.footage_scale import MotionSaturation, fit_input_to_footage
 from model.losses import detector_loss, refiner_loss
+from model.manifest import VersionManifest
 from model.networks import Detector, Refiner
 from model.phase_two import retrain_detector
-from model.scoring import Scorer
+from model.refine import drop_rejected, refine_config
+from model.scoring import PatchScorer
+from model.stopping import Deadlines, HoldoutFigures, StoppingRule, TimeBudgetError, holdout_figures, passed
 
 ProgressCallback = Callable[[dict[str, Any]], None]
 
 
 class TrainingCancelled(Exception):
     """Raised when the progress callback asks training to stop."""
-
-
-class TimeBudgetError(ValueError):
-    """The time budget ended before any R was evaluated: nothing usable to publish."""
-
-
-# Shares of the time budget kept for what follows the epochs: phase two and calibration (only
-# calibration when phase two is off). A budget is a deadline, so the epochs give way early.
-PHASE_TWO_BUDGET_SHARE = 0.15
-CALIBRATION_BUDGET_SHARE = 0.05
-
-
-@dataclass
-class Deadlines:
-    """When (time.monotonic()) the epochs and phase two must have ended; None = no budget."""
-
-    epochs: float | None
-    phase_two: float | None
-
-    @classmethod
-    def from_budget(cls, started: float, cfg: TrainConfig) -> "Deadlines":
-        budget = cfg.time_budget_s
-        after_epochs = (PHASE_TWO_BUDGET_SHARE if cfg.phase_two_steps else 0.0) + CALIBRATION_BUDGET_SHARE
-        return cls(started + budget * (1 - after_epochs), started + budget * (1 - CALIBRATION_BUDGET_SHARE))
-
-
-def _passed(deadline: float | None) -> bool:
-    return deadline is not None and time.monotonic() >= deadline
 
 
 @dataclass
@@ -108,49 +73,6 @@ class EpochRecord:
 
 
 @dataclass
-class StoppingRule:
-    """The paper's stopping rule, made concrete.
-
-    Condition 1: R is kept whenever its held-out reconstruction error improves.
-    Condition 2: D separates real from refined held-out patches: its separation (ROC AUC of D(X) vs
-    D(R_best(X))) reaches the target. D is kept whenever its held-out loss improves: the AUC saturates
-    at 1.0 within an epoch or two, so it cannot tell a better D from the first one that separates.
-    Stop once R has not improved for ``patience`` epochs and D's best separation reaches the target.
-    """
-
-    patience: int
-    separation_target: float
-    best_reconstruction: float = math.inf
-    best_separation: float = -1.0
-    best_detector_loss: float = math.inf
-    stale_epochs: int = 0
-
-    def observe_reconstruction(self, reconstruction: float) -> bool:
-        """True when R improved (keep its parameters)."""
-        if reconstruction < self.best_reconstruction:
-            self.best_reconstruction, self.stale_epochs = reconstruction, 0
-            return True
-        self.stale_epochs += 1
-        return False
-
-    def observe_detector(self, separation: float, detector_loss: float) -> bool:
-        """True when D improved (keep its parameters)."""
-        self.best_separation = max(self.best_separation, separation)
-        if detector_loss < self.best_detector_loss:
-            self.best_detector_loss = detector_loss
-            return True
-        return False
-
-    @property
-    def separated(self) -> bool:
-        return self.best_separation >= self.separation_target
-
-    @property
-    def should_stop(self) -> bool:
-        return self.stale_epochs >= self.patience and self.separated
-
-
-@dataclass
 class FitResult:
     refiner: Refiner  # the best R (condition 1): R_new of phase two
     detector: Detector
@@ -167,21 +89,6 @@ class TrainResult:
     history: list[EpochRecord] = field(default_factory=list)
 
 
-def load_normal_footage(paths: list[str | Path], max_frames: int | None = None) -> list:
-    """Read every clip; all must share one frame size (a fixed camera)."""
-    if not paths:
-        raise FootageError("no normal footage given")
-    clips = [read_footage(p, max_frames) for p in paths]
-    first = clips[0]
-    for path, clip in zip(paths, clips):
-        if clip.gray.shape[1:] != first.gray.shape[1:]:
-            raise FootageError(
-                f"{path}: frame size {clip.gray.shape[2]}x{clip.gray.shape[1]} differs from "
-                f"{first.gray.shape[2]}x{first.gray.shape[1]} of {paths[0]} (one camera per model)"
-            )
-    return clips
-
-
 def _distributed() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -189,88 +96,6 @@ def _distributed() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if isinstance(module, DistributedDataParallel) else module
-
-
-@dataclass
-class HoldoutFigures:
-    reconstruction: float  # per-pixel MSE of R on held-out normal patches
-    separation: float  # ROC AUC of D(X) against D(R(X)) (and pseudo-anomalies, when used)
-    detector_loss: float  # D's training objective on the same held-out patches; lower = better D
-
-
-@torch.inference_mode()
-def holdout_figures(
-    refiner: Refiner, detector: Detector, patches: torch.Tensor, negatives: torch.Tensor | None = None
-) -> HoldoutFigures:
-    """R's and D's figures on held-out patches, in eval mode."""
-    was_training = refiner.training, detector.training
-    refiner.eval()
-    detector.eval()
-    refined = torch.cat([refiner(chunk)[0] for chunk in patches.split(2048)])
-    reconstruction = float((refined - patches).pow(2).mean())
-    fakes = refined if negatives is None or len(negatives) == 0 else torch.cat([refined, negatives])
-    real_logits = torch.cat([detector(chunk) for chunk in patches.split(2048)])
-    fake_logits = torch.cat([detector(chunk) for chunk in fakes.split(2048)])
-    loss = float(detector_loss(real_logits, fake_logits))
-    real, fake = real_logits.float().cpu().numpy(), fake_logits.float().cpu().numpy()
-    labels = np.concatenate([np.ones(len(real)), np.zeros(len(fake))])
-    separation = float(roc_auc_score(labels, np.concatenate([real, fake])))
-    refiner.train(was_training[0])
-    detector.train(was_training[1])
-    return HoldoutFigures(reconstruction, separation, loss)
-
-
-def _checkpoint_path(checkpoint_dir: Path) -> Path:
-    return checkpoint_dir / "checkpoint.safetensors"
-
-
-def _save_checkpoint(
-    checkpoint_dir: Path, networks: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer], meta: dict[str, Any]
-) -> None:
-    """Networks, optimiser moments and loop state as safetensors + JSON, replaced atomically."""
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, module in networks.items():
-        for key, value in module.state_dict().items():
-            tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
-    for name, optimizer in optimizers.items():
-        for index, state in optimizer.state_dict()["state"].items():
-            for key, value in state.items():
-                tensors[f"opt.{name}/{index}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    temporary = checkpoint_dir / "checkpoint.tmp"
-    save_file(tensors, str(temporary), metadata={"meta": json.dumps(meta)})
-    os.replace(temporary, _checkpoint_path(checkpoint_dir))
-
-
-def _load_checkpoint(
-    checkpoint_dir: Path, networks: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]
-) -> dict[str, Any] | None:
-    path = _checkpoint_path(checkpoint_dir)
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        meta = json.loads(handle.metadata()["meta"])
-    tensors = load_file(str(path))
-    for name, module in networks.items():
-        prefix = f"{name}/"
-        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-    for name, optimizer in optimizers.items():
-        state_dict = optimizer.state_dict()
-        prefix = f"opt.{name}/"
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith(prefix):
-                index, field_name = key[len(prefix) :].split("/")
-                state.setdefault(int(index), {})[field_name] = value
-        state_dict["state"] = state
-        optimizer.load_state_dict(state_dict)
-    return meta
 
 
 def train(
@@ -285,16 +110,19 @@ def train(
     progress: ProgressCallback | None = None,
     show_progress_bar: bool = True,
     checkpoint_dir: str | Path | None = None,
+    calibration_config: CalibrationConfig | None = None,
 ) -> TrainResult:
-    """Train on normal footage and publish a version (rank 0). Raises FootageError on bad footage,
+    """Train on normal footage, calibrate on its held-out normal frames and publish a version (rank
+    0). Raises FootageError on bad footage, ConfigError when the score does not fit the input,
     TimeBudgetError when the budget ends before anything usable exists."""
     started = time.monotonic()
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
+    calibration_config = calibration_config or CalibrationConfig()
+    torch_device = resolve_device(device)
     if parent_version:  # fine-tuning keeps the parent's network shape and input
         model_config = registry.load_version(weights_dir, parent_version).config
-    if train_config.score_mode == "motion" and model_config.input_mode == "appearance":
-        raise ConfigError("score mode 'motion' needs a motion channel; input mode 'appearance' has none")
+    calibration_config.check_input(model_config)
     clips = load_normal_footage(list(normal_paths))
     digest = footage_digest(clips)
     input_report: dict[str, Any] = {}
@@ -313,26 +141,25 @@ def train(
     checkpoint_dir = Path(checkpoint_dir or Path(weights_dir) / ".checkpoints" / f"train-{digest[:16]}")
     deadlines = Deadlines.from_budget(started, train_config)
     fitted = _fit(
-        train_clips, holdout, model_config, train_config, resolve_device(device), resume,
+        train_clips, holdout, model_config, train_config, torch_device, resume,
         parent_version, weights_dir, progress, show_progress_bar, checkpoint_dir, deadline=deadlines.epochs,
     )
     history = fitted.history
     refine_report: dict[str, Any] | None = None
-    if reject_and_refine and _passed(deadlines.epochs):
+    if reject_and_refine and passed(deadlines.epochs):
         refine_report = {"skipped": "the time budget ended before fine-tuning could start"}
     elif reject_and_refine:
         # what the first model rejects is judged by the whole model, phase two included
-        first_detector, _ = _phase_two(fitted, train_config, device, deadlines.epochs, None, False)
+        first_detector, _ = _phase_two(fitted, train_config, torch_device, deadlines.epochs, None, False)
         before = sum(c.frames for c in train_clips)
-        train_clips, dropped = _drop_rejected(
-            fitted.refiner, first_detector, model_config, train_config, train_clips, holdout, resolve_device(device)
+        train_clips, dropped = drop_rejected(
+            fitted.refiner, first_detector, model_config, calibration_config, train_clips, holdout, torch_device
         )
         refine_report = {"frames_before": before, "frames_dropped": len(dropped), "dropped": dropped[:1000]}
         if show_progress_bar:
             tqdm.write(f"reject-and-refine: dropped {len(dropped)} of {before} training frames, fine-tuning")
-        refine_config = TrainConfig(**{**asdict(train_config), "max_epochs": max(1, train_config.max_epochs // 3)})
         refitted = _fit(
-            train_clips, holdout, model_config, refine_config, resolve_device(device), False,
+            train_clips, holdout, model_config, refine_config(train_config), torch_device, False,
             None, weights_dir, progress, show_progress_bar, checkpoint_dir / "refine",
             initial=(fitted.refiner, fitted.detector), deadline=deadlines.epochs,
         )
@@ -344,23 +171,21 @@ def train(
         return TrainResult(None, {}, history)
     refiner = fitted.refiner
     detector, phase_two_report = _phase_two(
-        fitted, train_config, device, deadlines.phase_two, progress, show_progress_bar
+        fitted, train_config, torch_device, deadlines.phase_two, progress, show_progress_bar
     )
-    scorer = Scorer(refiner, detector, model_config, device="cpu")
-    calibration = fit_calibration(scorer, holdout, train_config)
+    scorer = PatchScorer(refiner, detector, model_config, device="cpu")
+    calibration = fit_calibration(scorer, holdout, calibration_config)
     last = history[-1] if history else None
-    manifest = {
-        "model_config": model_config.to_dict(),
-        "train_config": _jsonable(asdict(train_config)),
-        "input_mode": model_config.input_mode,
-        "calibration": calibration.to_dict(),
-        "threshold": calibration.threshold,
-        "reject_band": list(calibration.reject_band),
-        "parent_version": parent_version,
-        "reject_and_refine": refine_report,
-        "phase_two": phase_two_report,
-        "input": input_report,
-        "training_footage": {
+    manifest = VersionManifest(
+        model_config=model_config,
+        train_config=train_config,
+        calibration_config=calibration_config,
+        calibration=calibration,
+        parent_version=parent_version,
+        reject_and_refine=refine_report,
+        phase_two=phase_two_report,
+        input=input_report,
+        training_footage={
             "sha256": digest,
             "clips": len(clips),
             "frames": int(sum(c.gray.shape[0] for c in clips)),
@@ -368,7 +193,7 @@ def train(
             "holdout_frames": int(sum(c.frames for c in holdout)),
             "names": [c.name for c in clips][:100],
         },
-        "validation": {
+        validation={
             "holdout_reconstruction": min(h.holdout_reconstruction for h in history) if history else None,
             "separation_auc": max(h.separation_auc for h in history) if history else None,
             "epochs": last.epoch if last else 0,
@@ -377,15 +202,15 @@ def train(
             "normal_frame_quantiles": calibration.normal_frame_quantiles,
             "false_alarm_rate_second_slice": calibration.holdout_check,
         },
-        "history": [asdict(h) for h in history],
-    }
+        history=[asdict(h) for h in history],
+    )
     version = registry.publish(weights_dir, refiner, detector, manifest)
-    _remove_checkpoints(checkpoint_dir)
+    remove_checkpoints(checkpoint_dir)
     return TrainResult(version, registry.read_manifest(weights_dir, version), history)
 
 
 def _phase_two(
-    fitted: FitResult, cfg: TrainConfig, device: str | None, deadline: float | None,
+    fitted: FitResult, cfg: TrainConfig, device: torch.device, deadline: float | None,
     progress: ProgressCallback | None, verbose: bool,
 ) -> tuple[Detector, dict[str, Any] | None]:
     """D after phase two (or as fitted, when ``phase_two_steps`` is 0) and phase two's report."""
@@ -393,7 +218,7 @@ def _phase_two(
         return fitted.detector, None
     detector, report = retrain_detector(
         fitted.refiner, fitted.refiner_old, fitted.detector, fitted.sampler, fitted.holdout_sampler, cfg,
-        resolve_device(device), deadline, _phase_two_progress(progress), verbose,
+        device, deadline, _phase_two_progress(progress), verbose,
     )
     return detector, report.to_dict()
 
@@ -408,17 +233,6 @@ def _phase_two_progress(progress: ProgressCallback | None) -> Callable[[int, int
             progress({"phase": "phase_two", "phase_two_step": step, "phase_two_steps": total})
 
     return report
-
-
-def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(data, default=list))
-
-
-def _remove_checkpoints(checkpoint_dir: Path) -> None:
-    for path in sorted(checkpoint_dir.rglob("*"), reverse=True):
-        path.unlink() if path.is_file() else path.rmdir()
-    if checkpoint_dir.exists():
-        checkpoint_dir.rmdir()
 
 
 def _fit(
@@ -462,17 +276,15 @@ def _fit(
     history: list[EpochRecord] = []
     networks = {"refiner": refiner, "detector": detector}
     if resume and rank == 0:
-        meta = _load_checkpoint(checkpoint_dir, networks, {"refiner": opt_r, "detector": opt_d})
-        if meta is not None:
+        restored = load_checkpoint(checkpoint_dir, networks, {"refiner": opt_r, "detector": opt_d})
+        if restored is not None:
+            meta, kept = restored
             rule = StoppingRule(cfg.patience, cfg.separation_target, **meta["rule"])
             start_epoch, step = meta["epoch"], meta["step"]
             if show_progress_bar:
                 tqdm.write(f"resuming after epoch {start_epoch} from {checkpoint_dir}")
             history = [EpochRecord(**h) for h in meta["history"]]
-            best = load_file(str(checkpoint_dir / "best.safetensors"))
-            best_r = {k[len("refiner/") :]: v for k, v in best.items() if k.startswith("refiner/")}
-            best_d = {k[len("detector/") :]: v for k, v in best.items() if k.startswith("detector/")}
-            old_r = {k[len("refiner_old/") :]: v for k, v in best.items() if k.startswith("refiner_old/")} or None
+            best_r, best_d, old_r = kept.refiner, kept.detector, kept.refiner_old
     if world > 1:
         for module in (refiner, detector):
             for tensor in module.state_dict().values():
@@ -496,7 +308,7 @@ def _fit(
             disable=not show_progress_bar or rank != 0, leave=False,
         )
         for _ in bar:
-            if _passed(deadline):
+            if passed(deadline):
                 if step == 0:
                     raise TimeBudgetError(
                         f"the time budget of {cfg.time_budget_s:g} s ended before the first training step "
@@ -559,31 +371,24 @@ def _fit(
                     f"{separation:.3f} (best {rule.best_separation:.3f}, target {cfg.separation_target}), "
                     f"D held-out loss {d_figures.detector_loss:.4f}{' (best)' if d_figures.detector_loss == rule.best_detector_loss else ''}"
                 )
-            _save_checkpoint(
+            save_checkpoint(
                 checkpoint_dir, networks, {"refiner": opt_r, "detector": opt_d},
-                {"epoch": epoch, "step": step, "history": [asdict(h) for h in history],
-                 "rule": {"best_reconstruction": rule.best_reconstruction, "best_separation": rule.best_separation,
-                          "best_detector_loss": rule.best_detector_loss, "stale_epochs": rule.stale_epochs}},
-            )
-            save_file(
-                {**{f"refiner/{k}": v.cpu().contiguous() for k, v in best_r.items()},
-                 **{f"detector/{k}": v.cpu().contiguous() for k, v in best_d.items()},
-                 **{f"refiner_old/{k}": v.cpu().contiguous() for k, v in old_r.items()}},
-                str(checkpoint_dir / "best.safetensors"),
+                {"epoch": epoch, "step": step, "history": [asdict(h) for h in history], "rule": rule.state()},
+                BestParameters(best_r, best_d, old_r),
             )
             if progress is not None:
                 epochs_left = cfg.max_epochs - epoch
                 left = max(0.0, deadline - time.monotonic()) if deadline is not None else math.inf
                 eta = min(epochs_left * elapsed / max(1, epoch - start_epoch), left)
                 progress({**asdict(record), "max_epochs": cfg.max_epochs, "eta_s": round(eta, 1)})
-        if rule.should_stop or _passed(deadline):
+        if rule.should_stop or passed(deadline):
             break
 
     refiner_old = Refiner(model_config)
     refiner_old.load_state_dict(old_r if old_r is not None else best_r)
     refiner.load_state_dict(best_r)
     detector.load_state_dict(best_d)
-    if not _passed(deadline):
+    if not passed(deadline):
         _polish_detector(refiner, detector, sampler, holdout_patches, holdout_pseudo, cfg, device,
                          steps_per_epoch, show_progress_bar and rank == 0)
     return FitResult(refiner.cpu().eval(), detector.cpu().eval(), refiner_old.eval(), history, sampler,
@@ -641,27 +446,3 @@ def _polish_detector(
             best_loss = figures.detector_loss
             best_d = copy.deepcopy(detector.state_dict())
     detector.load_state_dict(best_d)
-
-
-def _drop_rejected(
-    refiner: Refiner, detector: Detector, model_config: ModelConfig, cfg: TrainConfig,
-    train_clips: list[EncodedClip], holdout: list[EncodedClip], device: torch.device,
-) -> tuple[list[EncodedClip], list[list[Any]]]:
-    """The paper's reject-and-refine: drop training frames the first model flags as anomalous.
-
-    Returns the kept clips and the [clip name, frame index] of every dropped frame.
-    """
-    from model.calibrate import clip_raw_scores, frame_peaks
-    from model.scoring import causal_mean
-
-    scorer = Scorer(refiner, detector, model_config, device=device)
-    calibration = fit_calibration(scorer, holdout, cfg)
-    kept, dropped = [], []
-    for clip in train_clips:
-        raw, _ = clip_raw_scores(scorer, clip.channels)
-        scores = causal_mean(frame_peaks(raw, calibration.score_mode, calibration), calibration.smoothing_frames)
-        keep = scores <= calibration.threshold
-        dropped += [[clip.name, clip.first_frame + int(i)] for i in np.flatnonzero(~keep)]
-        if keep.sum() >= 1:
-            kept.append(EncodedClip(clip.name, clip.channels[keep]))
-    return kept, dropped

@@ -4,7 +4,7 @@ Requests submit *jobs* (the patches of one clip chunk or one frame, scored with 
 pinned). One collector task forms batches: it takes the oldest job, waits up to
 ``max_queue_delay_s`` after that job arrived for more jobs of the **same model** (a batch never mixes
 model versions, so a swap mid-flight cannot mix them either), stops early once ``max_batch_patches``
-are waiting, and runs ``Scorer.raw_scores`` on the concatenation in a dedicated inference thread
+are waiting, and runs ``PatchScorer.raw_scores`` on the concatenation in a dedicated inference thread
 (the event loop never runs a forward pass; one thread owns the device). While a batch runs, new jobs
 queue up, so under load batches fill without waiting. Jobs are taken in arrival order and never split;
 a job larger than ``max_batch_patches`` runs alone (raw_scores then chunks it).

@@ -15,12 +15,11 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import Response
 
-from model.offline import clip_summary
-from model.scoring import FrameResult
+from model.results import FrameResult, clip_frame_line, clip_summary
 from service.deps import Services
 from service.errors import ServiceError, error_body
 from service.model_store import ServingModel
-from service.pipeline import SOURCE_CLIP, ClipTimings, StreamScorer, iter_clip_results, read_first_chunk
+from service.pipeline import SOURCE_CLIP, ClipTimings, BatchedStream, iter_clip_results, read_first_chunk
 from service.responses import ManagedStreamingResponse, json_response, ndjson_line
 from service.uploads import SavedUpload, receive_file
 from service.video import VideoLimits, VideoSource, sniff_video
@@ -45,19 +44,19 @@ async def _open_upload(upload: SavedUpload, container: str, suffix: str, limits:
 
 
 async def _ndjson(
-    results: AsyncIterator[FrameResult], model: ServingModel, source: VideoSource, scorer: StreamScorer,
+    results: AsyncIterator[FrameResult], model: ServingModel, source: VideoSource, scorer: BatchedStream,
     include_maps: bool, timings: ClipTimings,
 ) -> AsyncIterator[bytes]:
     done: list[FrameResult] = []
     try:
         async for result in results:
             done.append(result)
-            yield ndjson_line({"type": "frame", **result.to_dict(include_maps)})
+            yield ndjson_line(clip_frame_line(result, include_maps))
     except ServiceError as exc:
         yield ndjson_line({"type": "error", **error_body(exc.code, exc.message)})
         return
-    summary = clip_summary(model.version, model.threshold, source.fps, done, False, timings.as_dict(source, scorer))
-    del summary["frames"]
+    summary = clip_summary(model.version, model.threshold, source.fps, done, False, timings.as_dict(source, scorer),
+                           include_frames=False)
     yield ndjson_line({"type": "summary", **summary, **damage_report(source)})
 
 
@@ -91,7 +90,7 @@ async def clip_response(
     except BaseException:
         await release()
         raise
-    scorer = StreamScorer(model, batcher, services.metrics, SOURCE_CLIP, source.fps)
+    scorer = BatchedStream(model, batcher, services.metrics, SOURCE_CLIP, source.fps)
     results = iter_clip_results(source, scorer, settings.clip_chunk_frames, first)
     if ndjson:
         return ManagedStreamingResponse(_ndjson(results, model, source, scorer, include_maps, timings), release)

@@ -25,7 +25,7 @@ import numpy as np
 from model import registry
 from model.devices import resolve_device
 from model.offline import scorer_for
-from model.scoring import Calibration, FrameStream, Scorer, SkipUnchanged
+from model.scoring import Calibration, FrameStream, PatchScorer, SkipUnchanged
 from service.errors import NotReady, ServiceError, UnknownVersion, VersionRejected
 from service.metrics import Metrics
 from service.settings import Settings
@@ -39,7 +39,7 @@ SMOKE_FRAME_SIDE = 2  # the smoke frame is this many patches on each side
 class ServingModel:
     version: str
     manifest: dict[str, Any]
-    scorer: Scorer
+    scorer: PatchScorer
     device: str
     loaded_at: float = field(default_factory=time.time)
 
@@ -80,7 +80,7 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def smoke_test(scorer: Scorer) -> None:
+def smoke_test(scorer: PatchScorer) -> None:
     """Score one synthetic frame end to end; raise VersionRejected unless the result is finite."""
     side = scorer.config.patch_size * SMOKE_FRAME_SIDE
     ramp = np.linspace(0, 255, side * side, dtype=np.float32).reshape(side, side)
@@ -105,7 +105,7 @@ def public_message(message: str, weights_dir: Path) -> str:
 def load_serving_model(
     weights_dir: Path, version: str, device: str, options: dict[str, Any] | None = None,
 ) -> ServingModel:
-    """Load, verify and smoke-test one version. Blocking (runs in a thread). ``options``: Scorer
+    """Load, verify and smoke-test one version. Blocking (runs in a thread). ``options``: PatchScorer
     keyword arguments (skip, precision, cuda_graphs, backend)."""
     try:
         loaded = registry.load_version(weights_dir, version, device)

@@ -1,6 +1,6 @@
 """Frames -> results through the shared batcher: the scoring path of every endpoint.
 
-``StreamScorer`` is model.scoring.FrameStream with the forward pass replaced by a batcher job:
+``BatchedStream`` is a model.scoring.FrameStream whose forward pass is a batcher job:
 prepare (motion channel + patch grid) and finish (calibrated scores, maps, smoothing) run in worker
 threads, the forward pass in the batcher's inference thread, so the event loop only coordinates.
 It is pinned to one ServingModel for its whole life.
@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.scoring import FrameResult, FrameStream
+from model.results import FrameResult
+from model.scoring import FrameStream
 from service.batcher import Batcher
 from service.metrics import Metrics
 from service.model_store import ServingModel
@@ -28,7 +29,7 @@ SOURCE_STREAM = "stream"
 DEFAULT_FPS = 10.0  # FrameStream's default, for frames without a clip's fps
 
 
-class StreamScorer:
+class BatchedStream:
     def __init__(
         self, model: ServingModel, batcher: Batcher, metrics: Metrics, source: str, fps: float = DEFAULT_FPS
     ) -> None:
@@ -38,6 +39,16 @@ class StreamScorer:
         self.metrics = metrics
         self.source = source
         self.score_seconds = 0.0
+
+    def carry_motion_from(self, other: "BatchedStream") -> None:
+        """Continue ``other``'s motion channel (the same live stream, moved to another version)."""
+        self.stream.carry_motion_from(other.stream)
+
+    async def score_frame(self, gray: np.ndarray, index: int, fps: float) -> FrameResult:
+        """One (H, W) frame of a live stream, frame ``index`` of a stream at ``fps``."""
+        self.stream.seek(index, fps)
+        (result,) = await self.score(gray[None])
+        return result
 
     async def score(self, gray: np.ndarray) -> list[FrameResult]:
         """(T, H, W) uint8 frames, in stream order -> one result per frame."""
@@ -60,7 +71,7 @@ class ClipTimings:
     def upload_done(self) -> None:
         self.upload_s = time.perf_counter() - self.started
 
-    def as_dict(self, source: VideoSource, scorer: StreamScorer) -> dict[str, float]:
+    def as_dict(self, source: VideoSource, scorer: BatchedStream) -> dict[str, float]:
         return {
             "upload_s": round(self.upload_s, 4),
             "decode_s": round(source.decode_seconds, 4),
@@ -75,7 +86,7 @@ def _swallow(task: asyncio.Future) -> None:
 
 
 async def iter_clip_results(
-    source: VideoSource, scorer: StreamScorer, chunk_frames: int, first: np.ndarray
+    source: VideoSource, scorer: BatchedStream, chunk_frames: int, first: np.ndarray
 ) -> AsyncIterator[FrameResult]:
     """Score a clip chunk by chunk from its ``first`` chunk on, yielding each frame's result as its
     chunk is scored; the next chunk is decoded while the current one is scored."""

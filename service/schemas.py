@@ -1,6 +1,5 @@
-"""Wire shapes. Frame and clip bodies are built by model.offline.clip_summary / FrameResult.to_dict
-(the same numbers as `vad detect`); the models here document them in OpenAPI, type the small
-endpoints and validate WebSocket control messages."""
+"""Wire shapes. Every body is built by model/results.py (the same numbers as `vad detect`); the models here
+document them in OpenAPI, type the small endpoints and validate WebSocket control messages."""
 
 from __future__ import annotations
 

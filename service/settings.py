@@ -89,7 +89,8 @@ class Settings(BaseSettings):
         default_factory=dict, description="ModelConfig fields for jobs (JSON), over the `vad train` defaults."
     )
     training_config: dict[str, Any] = Field(
-        default_factory=dict, description="TrainConfig fields for jobs (JSON); a job's options win."
+        default_factory=dict,
+        description="TrainConfig and CalibrationConfig fields for jobs (JSON); a job's options win.",
     )
 
     # Access
@@ -122,18 +123,15 @@ class Settings(BaseSettings):
     def _valid_model_config(cls, value: dict[str, Any]) -> dict[str, Any]:
         from model.config import ModelConfig
 
-        ModelConfig.from_dict({"input_mode": "appearance+flow", **value})  # raises ConfigError (a ValueError)
+        ModelConfig.from_dict(value)  # raises ConfigError (a ValueError)
         return value
 
     @field_validator("training_config")
     @classmethod
     def _valid_train_config(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from model.config import TrainConfig
+        from model.config import split_train_settings
 
-        try:
-            TrainConfig(**value)
-        except TypeError as exc:
-            raise ValueError(f"unknown training settings ({exc})") from exc
+        split_train_settings(value)  # training and calibration settings; raises ConfigError (a ValueError)
         return value
 
     @model_validator(mode="after")

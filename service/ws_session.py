@@ -30,11 +30,12 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from model.results import stream_reply
 from service.deps import Services
 from service.errors import (
     EmptyUpload, InvalidControl, Overloaded, ServiceError, UnsupportedMedia, error_body, log,
 )
-from service.pipeline import DEFAULT_FPS, SOURCE_STREAM, StreamScorer, decode_frame
+from service.pipeline import DEFAULT_FPS, SOURCE_STREAM, BatchedStream, decode_frame
 from service.responses import dumps
 from service.schemas import StreamControl
 from service.video import SNIFF_BYTES, sniff_image
@@ -92,7 +93,7 @@ class StreamSession:
             REPLY_QUEUE_FACTOR * self.max_pending
         )
         self.next_seq = 0
-        self.scorer: StreamScorer | None = None
+        self.scorer: BatchedStream | None = None
 
     async def run(self) -> None:
         await self.ws.accept()
@@ -237,13 +238,13 @@ class StreamSession:
             if not frame.reply.done():
                 frame.reply.set_result(reply)
 
-    def _scorer_for(self) -> StreamScorer:
+    def _scorer_for(self) -> BatchedStream:
         model = self.services.store.require()
         old = self.scorer
         if old is None or old.model is not model:
-            self.scorer = StreamScorer(model, self.services.batcher, self.services.metrics, SOURCE_STREAM)
+            self.scorer = BatchedStream(model, self.services.batcher, self.services.metrics, SOURCE_STREAM)
             if old is not None:
-                self.scorer.stream.previous = old.stream.previous  # motion continues across a swap
+                self.scorer.carry_motion_from(old)  # motion continues across a swap
         return self.scorer
 
     async def _score(self, frame: _Frame) -> dict[str, Any]:
@@ -251,10 +252,9 @@ class StreamSession:
         settings = self.services.settings
         gray = await decode_frame(frame.data, settings.max_pixels, scorer.model.patch_size)
         with self.services.batcher.admit(SOURCE_STREAM):
-            scorer.stream.fps = self.options.fps
-            scorer.stream.next_index = frame.seq  # a frame's index is its seq, dropped frames included
-            (result,) = await scorer.score(gray[None])
-        return {"seq": frame.seq, "model_version": scorer.model.version, **result.to_dict(frame.include_map)}
+            # a frame's index is its seq, dropped frames included
+            result = await scorer.score_frame(gray, frame.seq, self.options.fps)
+        return stream_reply(frame.seq, scorer.model.version, result, frame.include_map)
 
     # --- sender ----------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ Sections (each prints a line as it finishes; ``--json`` writes them all), one mo
 - ``roofline_gflops`` (roofline.py): float32 matmul GFLOP/s of this machine, in this run, with the
   threads the model path uses;
 - ``model`` (model_path.py): the networks' FLOPs per frame (FlopCounterMode on R and D, what scoring
-  needs), frames/s of ``Scorer.raw_scores`` at the best of 1, 2, 4, 8, 16 frames per batch, GFLOP/s
+  needs), frames/s of ``PatchScorer.raw_scores`` at the best of 1, 2, 4, 8, 16 frames per batch, GFLOP/s
   and the fraction of the roofline; ``cuda`` on a GPU: each precision, with and without CUDA graphs;
 - ``ablation`` (ablation.py): each CPU inference optimisation added in turn;
 - ``naive`` (model_path.py): the same networks (unfused modules) scoring one patch at a time, as a

@@ -9,13 +9,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from model.inference import CpuWorkers, InferenceNets, OrtRunner, onnxruntime_available
-from model.scoring import Scorer
+from model.inference import CpuWorkers, FusedNets, OrtRunner, onnxruntime_available
+from model.scoring import PatchScorer
 from service.bench.model_path import cut_patches
 from service.bench.timing import best_seconds, say
 
 
-def ablation(scorer: Scorer, channels: np.ndarray, flops: float, quick: bool) -> list[dict[str, Any]]:
+def ablation(scorer: PatchScorer, channels: np.ndarray, flops: float, quick: bool) -> list[dict[str, Any]]:
     """Frames/s of each step (best of 1, 4, 16 frames per batch), its GFLOP/s at ``flops`` per frame."""
     refiner, detector, config = scorer.refiner, scorer.detector, scorer.config
     threads = torch.get_num_threads()
@@ -24,9 +24,9 @@ def ablation(scorer: Scorer, channels: np.ndarray, flops: float, quick: bool) ->
     def split(run: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         return (lambda x: workers(run, x)) if workers is not None else run
 
-    nchw = InferenceNets(refiner, detector, channels_last=False, phase_max_cout=0)
-    nhwc = InferenceNets(refiner, detector, channels_last=True, phase_max_cout=0)
-    phase = InferenceNets(refiner, detector, channels_last=True)
+    nchw = FusedNets(refiner, detector, channels_last=False, phase_max_cout=0)
+    nhwc = FusedNets(refiner, detector, channels_last=True, phase_max_cout=0)
+    phase = FusedNets(refiner, detector, channels_last=True)
     steps: list[tuple[str, Any]] = [
         ("modules as trained (batch norm, NCHW), intra-op threads", scorer.reference_scores),
         ("+ batch norm folded, shared first layer, no log-variance head", nchw),
@@ -35,7 +35,7 @@ def ablation(scorer: Scorer, channels: np.ndarray, flops: float, quick: bool) ->
     ]
     # every intra-op step before any split one: once worker threads have run ops, libgomp makes the
     # calling thread's small parallel ops slower (see model.inference.dedicate_cpu_to_workers)
-    plain = InferenceNets(refiner, detector, channels_last=False, phase_max_cout=0)
+    plain = FusedNets(refiner, detector, channels_last=False, phase_max_cout=0)
     if onnxruntime_available():
         steps.append((f"ONNX Runtime, {threads} intra-op thread(s)", OrtRunner(plain, config.channels, config.patch_size, threads)))
     if workers is not None:

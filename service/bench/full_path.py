@@ -11,12 +11,12 @@ import numpy as np
 
 from model.encoding import encode_frames
 from model.offline import FRAMES_PER_BATCH
-from model.scoring import FrameStream, Scorer, SkipUnchanged
+from model.scoring import FrameStream, PatchScorer, SkipUnchanged
 from service.bench.footage import CAMERA_FPS, Footage
 from service.bench.timing import best_seconds
 
 
-def full_path(scorer: Scorer, footage: Footage, skip: SkipUnchanged | None) -> dict[str, Any]:
+def full_path(scorer: PatchScorer, footage: Footage, skip: SkipUnchanged | None) -> dict[str, Any]:
     """FrameStream over every clip in chunks of FRAMES_PER_BATCH; EER/AUC over the clips when they are
     labelled."""
     from model.evaluate import figures

@@ -1,4 +1,4 @@
-"""The networks alone: their FLOPs per frame, frames/s of ``Scorer.raw_scores`` on pre-cut patches per
+"""The networks alone: their FLOPs per frame, frames/s of ``PatchScorer.raw_scores`` on pre-cut patches per
 frames-per-batch (``model``), the same networks one patch at a time as a sliding-window loop runs them
 (``naive``), and on a GPU each precision with and without CUDA graphs (``cuda``)."""
 
@@ -15,19 +15,19 @@ from model.encoding import encode_frames, to_model_input
 from model.networks import pad_patches
 from model.offline import scorer_for
 from model.patches import to_patches
-from model.scoring import COMPONENTS, Scorer
+from model.scoring import COMPONENTS, PatchScorer
 from service.bench.timing import best_seconds, say
 
 FRAMES_PER_BATCH_TRIED = (1, 2, 4, 8, 16)
 CUDA_FRAMES_PER_BATCH_TRIED = (64, 256)
 
 
-def cut_patches(scorer: Scorer, channels: np.ndarray, stride: int) -> torch.Tensor:
+def cut_patches(scorer: PatchScorer, channels: np.ndarray, stride: int) -> torch.Tensor:
     """Encoded frames (T, H, W, C) -> the model's float patches of every frame, at ``stride``."""
     return to_patches(to_model_input(torch.from_numpy(channels)), scorer.config.patch_size, stride)[0]
 
 
-def required_flops(scorer: Scorer, patches: torch.Tensor) -> int:
+def required_flops(scorer: PatchScorer, patches: torch.Tensor) -> int:
     """FLOPs of what scoring needs on the unfused modules: R1 -> mu -> R2, then D on R(X) and on X
     (R's log-variance head, unused in eval, is not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -41,7 +41,7 @@ def required_flops(scorer: Scorer, patches: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def model_path(scorer: Scorer, channels: np.ndarray, roofline: float, quick: bool, stride: int) -> dict[str, Any]:
+def model_path(scorer: PatchScorer, channels: np.ndarray, roofline: float, quick: bool, stride: int) -> dict[str, Any]:
     """frames/s of raw_scores on pre-cut float patches of real frames, per frames-per-batch."""
     per_frame = cut_patches(scorer, channels[:1], stride)
     flops = required_flops(scorer, per_frame)
@@ -70,7 +70,7 @@ def model_path(scorer: Scorer, channels: np.ndarray, roofline: float, quick: boo
     }
 
 
-def naive_loop(scorer: Scorer, gray: np.ndarray) -> dict[str, Any]:
+def naive_loop(scorer: PatchScorer, gray: np.ndarray) -> dict[str, Any]:
     """Encode each frame, then run R and D on one patch at a time (the unfused modules)."""
     previous = None
     encode_s = model_s = 0.0

@@ -1,22 +1,18 @@
 """What a training job trains with: the client's ``options`` and ``paths`` form fields checked, and
-the effective model and training configuration fixed at submission (``job_config``) and read back by
-the worker (``configs_of``)."""
+the effective model, training and calibration configs fixed at submission (``job_config``)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from model import registry
-from model.config import ConfigError, ModelConfig, TrainConfig
+from model.config import ConfigError, InputMode, ModelConfig, split_train_settings
+from model.manifest import config_sections
 from service.errors import InvalidJobRequest
-from service.jobs.store import Job
 from service.settings import Settings
-
-DEFAULT_INPUT_MODE = "appearance+flow"  # the `vad train` default
 
 
 class TrainingOptions(BaseModel):
@@ -24,7 +20,7 @@ class TrainingOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input_mode: Literal["appearance", "appearance+motion", "appearance+flow"] | None = None
+    input_mode: InputMode | None = None
     epochs: StrictInt | None = Field(None, ge=1, le=10_000, description="TrainConfig.max_epochs")
     time_budget_s: StrictFloat | StrictInt | None = Field(None, gt=0, le=30 * 86_400)
     reject_and_refine: StrictBool = False
@@ -69,10 +65,10 @@ def parse_paths(text: str | None) -> list[str]:
 
 
 def job_config(settings: Settings, options: TrainingOptions) -> dict[str, Any]:
-    """The ModelConfig and TrainConfig a job trains with, fixed at submission (so a resumed attempt
-    trains exactly what its checkpoint was made with): the `vad train` defaults, then the server's
+    """The configs a job trains with, fixed at submission (so a resumed attempt trains exactly what
+    its checkpoint was made with): the `vad train` defaults, then the server's
     VAD_TRAINING_MODEL_CONFIG / VAD_TRAINING_CONFIG, then the job's options. A fine-tune takes its
-    parent's model configuration."""
+    parent's model configuration. The worker reads them back with model.manifest.saved_configs."""
     try:
         if options.parent_version:
             try:
@@ -86,7 +82,7 @@ def job_config(settings: Settings, options: TrainingOptions) -> dict[str, Any]:
                     f"{model_config.input_mode} (a fine-tune keeps its parent's input)"
                 )
         else:
-            fields = {"input_mode": DEFAULT_INPUT_MODE, **settings.training_model_config}
+            fields = dict(settings.training_model_config)
             if options.input_mode:
                 fields["input_mode"] = options.input_mode
             model_config = ModelConfig.from_dict(fields)
@@ -95,18 +91,8 @@ def job_config(settings: Settings, options: TrainingOptions) -> dict[str, Any]:
             train_fields["max_epochs"] = options.epochs
         if options.time_budget_s is not None:
             train_fields["time_budget_s"] = float(options.time_budget_s)
-        train_config = TrainConfig(**train_fields)
+        train_config, calibration_config = split_train_settings(train_fields)
+        calibration_config.check_input(model_config)
     except ConfigError as exc:
         raise InvalidJobRequest(f"options: {exc}") from exc
-    return {
-        "model_config": model_config.to_dict(),
-        "train_config": json.loads(json.dumps(asdict(train_config), default=list)),
-    }
-
-
-def configs_of(job: Job) -> tuple[ModelConfig, TrainConfig]:
-    """The configurations ``job_config`` fixed for ``job``, as the worker trains with them."""
-    train_fields = dict(job.config["train_config"])
-    if "reject_band" in train_fields:
-        train_fields["reject_band"] = tuple(train_fields["reject_band"])
-    return ModelConfig.from_saved(job.config["model_config"]), TrainConfig(**train_fields)
+    return config_sections(model_config, train_config, calibration_config)

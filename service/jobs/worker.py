@@ -14,7 +14,6 @@ worker has lost its lease (another worker owns the job now), or when the worker 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -26,13 +25,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
 from model import registry
+from model.checkpoints import read_checkpoint_meta
 from model.data import FootageError
+from model.manifest import saved_configs
 from model.train import TrainingCancelled, train
 from service.jobs.layout import checkpoint_dir, remove_job_files, resolve_footage_path, upload_dir
-from service.jobs.options import configs_of
 from service.jobs.store import Job, JobStore, SqliteJobStore, finite_json
 from service.model_store import public_message
 from service.settings import Settings
@@ -75,18 +73,6 @@ class Heartbeat(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.join(timeout=self.interval_s + 5)
-
-
-def _checkpoint_meta(folder: Path) -> dict[str, Any] | None:
-    path = folder / "checkpoint.safetensors"
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return json.loads(handle.metadata()["meta"])
-    except Exception as exc:  # unreadable: train() will say so, or start afresh
-        log.warning("checkpoint %s unreadable: %s", path, exc)
-        return None
 
 
 def continued_history(job: Job, meta: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -201,7 +187,7 @@ class Worker:
     def run_job(self, job: Job) -> None:
         settings, store, attempt = self.settings, self.store, job.attempts
         folder = checkpoint_dir(settings.data_dir, job.id)
-        history = continued_history(job, _checkpoint_meta(folder))
+        history = continued_history(job, read_checkpoint_meta(folder))
         resumed_from = history[-1]["epoch"] if history else 0
         heartbeat = Heartbeat(store, job, self.worker_id, settings.job_lease_s, settings.job_heartbeat_s)
         names: dict[str, str] = {}
@@ -270,7 +256,7 @@ class Worker:
                 return
         try:
             options = job.options
-            model_config, train_config = configs_of(job)
+            model_config, train_config, calibration_config = saved_configs(job.config)
             paths, names = self._footage(job)
         except Exception as exc:
             finish("failed", error=self._shown(f"{exc}", names))
@@ -280,8 +266,8 @@ class Worker:
             if resumed_from:
                 log.info("job %s: resuming after epoch %d", job.id, resumed_from)
             result = train(
-                paths, settings.weights_dir, model_config, train_config,
-                device=None if settings.device == "auto" else settings.device,
+                paths, settings.weights_dir, model_config, train_config, calibration_config=calibration_config,
+                device=settings.device,
                 resume=True, parent_version=options.get("parent_version"),
                 reject_and_refine=bool(options.get("reject_and_refine")),
                 progress=on_progress, show_progress_bar=False, checkpoint_dir=folder,

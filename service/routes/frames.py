@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from model.results import frame_body
 from service.deps import IncludeMaps, ReadyModel, ServicesDep
-from service.pipeline import SOURCE_FRAME, StreamScorer, decode_frame
+from service.pipeline import SOURCE_FRAME, BatchedStream, decode_frame
 from service.responses import json_response
 from service.schemas import ErrorResponse, FrameResponse
 from service.uploads import receive_bytes
@@ -24,6 +25,6 @@ async def score_frame(request: Request, services: ServicesDep, model: ReadyModel
     data = await receive_bytes(request, settings.max_image_bytes)
     gray = await decode_frame(data, settings.max_pixels, model.patch_size)
     with services.batcher.admit(SOURCE_FRAME):
-        scorer = StreamScorer(model, services.batcher, services.metrics, SOURCE_FRAME)
+        scorer = BatchedStream(model, services.batcher, services.metrics, SOURCE_FRAME)
         (result,) = await scorer.score(gray[None])
-    return await json_response({"model_version": model.version, "threshold": model.threshold, **result.to_dict(maps)})
+    return await json_response(frame_body(model.version, model.threshold, result, maps))

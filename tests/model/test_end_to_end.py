@@ -15,7 +15,8 @@ import pytest
 from model import registry
 from model.offline import detect_file
 from model.cli import main
-from tests.conftest import synthetic_frames, write_frames, write_video
+from model.config import CalibrationConfig
+from tests.support import synthetic_frames, write_frames, write_video
 
 TINY = ["--patch-size", "16", "--stride", "16", "--latent-dim", "8", "--patches-per-epoch", "1024",
         "--phase-two-steps", "100", "--batch-size", "64", "--epochs", "2"]
@@ -60,9 +61,11 @@ def test_train_cli_publishes_with_manifest(normal_footage: list[Path], tmp_path:
     assert code == 0
     assert "published v0001" in capsys.readouterr().out
     manifest = registry.read_manifest(tmp_path, "v0001")
-    for key in ("model_config", "calibration", "threshold", "reject_band", "input_mode", "training_footage",
+    for key in ("model_config", "train_config", "calibration_config", "calibration", "input_mode", "training_footage",
                 "validation", "created_at", "package_version", "parent_version", "history"):
         assert key in manifest, key
+    assert "threshold" not in manifest and "reject_band" not in manifest  # tau lives in "calibration" only
+    assert manifest["calibration_config"]["score_mode"] == manifest["calibration"]["score_mode"] == "d_r_x"
     assert manifest["input_mode"] == "appearance"
     assert manifest["training_footage"]["frames"] == 80
     # phase two ran, with the appearance kinds (no motion channel for `speed`)
@@ -70,8 +73,8 @@ def test_train_cli_publishes_with_manifest(normal_footage: list[Path], tmp_path:
     assert manifest["input"]["frame_height_chosen"] == "from footage" and manifest["input"]["reference_fps"] == 10.0
     assert manifest["input"]["motion_saturated_share"] is None
     assert set(manifest["validation"]["false_alarm_rate_second_slice"]) >= {"asked", "mean"}
-    lo, hi = manifest["reject_band"]
-    assert lo <= manifest["threshold"] <= hi
+    lo, hi = manifest["calibration"]["reject_band"]
+    assert lo <= manifest["calibration"]["threshold"] <= hi
     for record in manifest["history"]:
         assert {"holdout_reconstruction", "separation_auc", "condition_1_improved", "condition_2_met"} <= set(record)
     assert not (tmp_path / ".checkpoints").exists() or not any((tmp_path / ".checkpoints").iterdir())
@@ -132,20 +135,22 @@ def test_resume_after_a_crash_continues_from_the_last_epoch(normal_footage, tmp_
 def test_reject_and_refine_drops_contaminated_frames(tmp_path: Path) -> None:
     """Mix anomalous frames into the training footage: the first model must reject mostly those."""
     from model.train import train
-    from tests.conftest import tiny_model_config, tiny_train_config
+    from tests.support import tiny_model_config, tiny_train_config
 
     clean = write_frames(tmp_path / "clean", synthetic_frames(60, seed=2))
-    # frames 30..49 hold the anomaly, between the held-out blocks 24..29 and 54..59 (calibration)
-    contaminated = synthetic_frames(60, seed=3)
-    contaminated[30:50] = synthetic_frames(60, seed=3, anomaly_from=30)[30:50]
-    dirty = write_frames(tmp_path / "dirty", contaminated)
+    # Each 60-frame clip is cut into ten blocks of 6 frames; blocks 4 and 9 (frames 24..29 and 54..59)
+    # are held out for the stopping rule and calibration. The anomaly is in frames 30..49 of the
+    # second clip, between them, so tau comes from normal frames only, and the first model is asked
+    # to reject 20 anomalous frames among 96 training frames (2 clips x 48).
+    dirty = write_frames(tmp_path / "dirty", synthetic_frames(60, seed=3, anomaly_from=30, anomaly_until=50))
     result = train([clean, dirty], tmp_path / "w", tiny_model_config(),
-                   tiny_train_config(max_epochs=3, false_alarm_rate=0.05, reject_band=(0.02, 0.1)),
-                   reject_and_refine=True, show_progress_bar=False)
+                   tiny_train_config(max_epochs=3), reject_and_refine=True, show_progress_bar=False,
+                   calibration_config=CalibrationConfig(false_alarm_rate=0.05, reject_band=(0.02, 0.1)))
     report = result.manifest["reject_and_refine"]
+    assert (report["frames_before"], result.manifest["training_footage"]["holdout_frames"]) == (96, 24)
     assert report["frames_dropped"] > 0
     dropped_dirty = [i for name, i in report["dropped"] if name == "dirty" and 30 <= i < 50]
-    # anomalous frames are 20 of the 96 training frames; most dropped frames must be among them
+    # most dropped frames must be among the 20 anomalous ones
     assert len(dropped_dirty) / report["frames_dropped"] > 0.5
     assert result.version == "v0001"
 
@@ -163,7 +168,7 @@ def test_calibrate_publishes_a_new_version_with_the_same_networks(trained_weight
     assert after["weights_sha256"] == before["weights_sha256"]
     assert after["parent_version"] == "v0001"
     assert after["calibration"]["score_mode"] == "reconstruction" and after["calibration"]["smoothing_frames"] == 1
-    assert registry.load_version(weights, "v0002").calibration.threshold == after["threshold"]
+    assert registry.load_version(weights, "v0002").calibration.threshold == after["calibration"]["threshold"]
     assert main(["calibrate", "--version", "v0009", "--normal", str(normal_footage[0]), "--weights", str(weights)]) == 2
 
 

@@ -87,6 +87,8 @@ def _tiny_untrained_version(weights: Path) -> None:
     values do not matter here, only that every key is computed (a served network score, not motion)."""
     import torch
 
+    from model.config import CalibrationConfig, TrainConfig
+    from model.manifest import VersionManifest
     from model.networks import Detector, Refiner
     from model.scoring import Calibration
     from tests.conftest import tiny_model_config
@@ -100,7 +102,7 @@ def _tiny_untrained_version(weights: Path) -> None:
         map_width=0.2, false_alarm_rate=0.01,
     )
     registry.publish(weights, Refiner(config), Detector(config),
-                     {"model_config": config.to_dict(), "calibration": calibration.to_dict()})
+                     VersionManifest(config, TrainConfig(), CalibrationConfig(smoothing_frames=3), calibration))
 
 
 def test_eval_json_has_served_baseline_and_injected_figures(tmp_path: Path, capsys) -> None:

@@ -11,20 +11,21 @@ import pytest
 import torch
 
 from model import registry
-from model.config import ModelConfig
+from model.config import CalibrationConfig, ModelConfig, TrainConfig
+from model.manifest import VersionManifest
 from model.networks import Detector, Refiner
 from model.scoring import Calibration
 from tests.conftest import tiny_model_config
 
 
-def _manifest_fields(config: ModelConfig) -> dict:
+def _manifest_fields(config: ModelConfig) -> VersionManifest:
     calibration = Calibration(
         score_mode="d_r_x", threshold=1.0, reject_band=(0.5, 1.5), smoothing_frames=1,
         component_center={"d_r_x": 0.0, "d_x": 0.0, "reconstruction": 0.0},
         component_scale={"d_r_x": 1.0, "d_x": 1.0, "reconstruction": 1.0},
         map_width=0.2, false_alarm_rate=0.01,
     )
-    return {"model_config": config.to_dict(), "calibration": calibration.to_dict()}
+    return VersionManifest(config, TrainConfig(), CalibrationConfig(score_mode="d_r_x", smoothing_frames=1), calibration)
 
 
 def _publish(weights: Path) -> str:

@@ -3,7 +3,7 @@ import pytest
 
 from model.calibrate import threshold_from_normal
 from model.scoring import causal_mean
-from model.train import StoppingRule
+from model.stopping import StoppingRule
 
 
 def test_stopping_rule_on_a_synthetic_run() -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from model import registry
-from model.train import TimeBudgetError, train
+from model.stopping import TimeBudgetError
+from model.train import train
 from model.cli import main
 from tests.conftest import tiny_model_config, tiny_train_config
 
@@ -23,7 +24,7 @@ def test_an_endless_epoch_is_cut_at_the_deadline_and_the_best_so_far_published(n
     assert 0 < epoch.step < 10_000_000 // config.batch_size  # stopped inside the first epoch
     assert 0 < result.manifest["phase_two"]["steps"] < 100_000  # and inside phase two
     assert result.manifest["validation"]["total_seconds"] >= 0
-    assert registry.load_version(tmp_path / "w", "v0001").calibration.threshold == result.manifest["threshold"]
+    assert registry.load_version(tmp_path / "w", "v0001").calibration.threshold == result.manifest["calibration"]["threshold"]
 
 
 def test_a_budget_that_ends_before_any_training_fails_clearly(normal_footage, tmp_path: Path) -> None:

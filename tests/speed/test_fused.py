@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
-from model.inference import ORT_TOLERANCE, InferenceEngine, InferenceNets, onnxruntime_available, phase_weight
+from model.inference import ORT_TOLERANCE, FusedNets, InferenceEngine, onnxruntime_available, phase_weight
 from model.networks import Detector, Refiner
-from model.scoring import COMPONENTS, Scorer
+from model.scoring import COMPONENTS, PatchScorer
 
 # float32 rounding only: relative to each component's scale over the batch
 TOLERANCE = 1e-4
@@ -43,11 +43,11 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 def test_folded_networks_equal_the_modules(input_mode: str, patch_size: int, channels_last: bool) -> None:
     config = ModelConfig(input_mode=input_mode, patch_size=patch_size, stride=patch_size, latent_dim=16)
     refiner, detector = _pair(config)
-    scorer = Scorer(refiner, detector, config, fused=False)
+    scorer = PatchScorer(refiner, detector, config, fused=False)
     x = torch.rand(37, config.channels, patch_size, patch_size) * 2 - 1
     reference = scorer.reference_scores(x)  # the network components, by their definition
     for phase in (0, 4, 64):  # transposed convolutions native, the narrow one as phases, all as phases
-        nets = InferenceNets(refiner, detector, channels_last=channels_last, phase_max_cout=phase)
+        nets = FusedNets(refiner, detector, channels_last=channels_last, phase_max_cout=phase)
         with torch.inference_mode():
             out = nets(x)
         assert out.shape == reference.shape
@@ -57,7 +57,7 @@ def test_folded_networks_equal_the_modules(input_mode: str, patch_size: int, cha
 def test_the_scorer_serves_the_fused_copy_and_keeps_the_contract() -> None:
     config = ModelConfig(input_mode="appearance+motion")
     refiner, detector = _pair(config, seed=3)
-    fused, plain = Scorer(refiner, detector, config), Scorer(refiner, detector, config, fused=False)
+    fused, plain = PatchScorer(refiner, detector, config), PatchScorer(refiner, detector, config, fused=False)
     assert fused.engine is not None and plain.engine is None
     x = torch.rand(200, 2, 30, 30) * 2 - 1
     a, b = fused.raw_scores(x, batch_size=64), plain.raw_scores(x)
@@ -81,7 +81,7 @@ def test_transposed_convolution_as_phases() -> None:
 def test_onnxruntime_backend_scores_like_torch() -> None:
     config = ModelConfig(input_mode="appearance+flow")
     refiner, detector = _pair(config, seed=5)
-    reference = Scorer(refiner, detector, config, fused=False)
+    reference = PatchScorer(refiner, detector, config, fused=False)
     x = torch.rand(300, 2, 30, 30) * 2 - 1
     expected = reference.raw_scores(x)
     for workers in (1, 2):

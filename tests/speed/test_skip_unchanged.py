@@ -8,13 +8,13 @@ import torch
 
 from model.config import ModelConfig
 from model.networks import Detector, Refiner
-from model.scoring import Calibration, FrameStream, Scorer, SkipUnchanged
+from model.scoring import Calibration, FrameStream, PatchScorer, SkipUnchanged
 
 PATCH = 16
 HEIGHT, WIDTH = 48, 64  # 3 x 4 patches
 
 
-def _scorer(input_mode: str = "appearance+motion") -> Scorer:
+def _scorer(input_mode: str = "appearance+motion") -> PatchScorer:
     torch.manual_seed(0)
     config = ModelConfig(input_mode=input_mode, patch_size=PATCH, stride=PATCH, latent_dim=8,
                          refiner_channels=(4, 8, 8), detector_channels=(4, 8, 8))
@@ -23,7 +23,7 @@ def _scorer(input_mode: str = "appearance+motion") -> Scorer:
         component_center={"d_r_x": 0.0, "reconstruction": 0.0},
         component_scale={"d_r_x": 1.0, "reconstruction": 1.0}, map_width=1.0, false_alarm_rate=0.01,
     )
-    return Scorer(Refiner(config), Detector(config), config, calibration)
+    return PatchScorer(Refiner(config), Detector(config), config, calibration)
 
 
 def _background(seed: int = 0) -> np.ndarray:
@@ -31,7 +31,7 @@ def _background(seed: int = 0) -> np.ndarray:
     return rng.integers(60, 160, (HEIGHT, WIDTH)).astype(np.uint8)
 
 
-def _run(scorer: Scorer, frames: np.ndarray, skip: SkipUnchanged | None, pieces: list[int]) -> tuple[list, FrameStream]:
+def _run(scorer: PatchScorer, frames: np.ndarray, skip: SkipUnchanged | None, pieces: list[int]) -> tuple[list, FrameStream]:
     stream = FrameStream(scorer, skip=skip)
     results, start = [], 0
     for size in pieces:
@@ -142,12 +142,12 @@ def test_the_flow_preset_is_the_versions_own_unless_overridden() -> None:
     frames[1:, 10:30, 10:30] = 250
     frames[2, 10:30, 14:34] = 250
     default, _ = _run(scorer, frames, None, [3])
-    overridden = Scorer(scorer.refiner, scorer.detector, scorer.config, scorer.calibration, flow="farneback")
+    overridden = PatchScorer(scorer.refiner, scorer.detector, scorer.config, scorer.calibration, flow="farneback")
     assert overridden.flow == "farneback"
     cheaper, _ = _run(overridden, frames, None, [3])
     assert any(a.score != b.score for a, b in zip(default, cheaper))
     with pytest.raises(ValueError, match="flow preset"):
-        Scorer(scorer.refiner, scorer.detector, scorer.config, scorer.calibration, flow="lucas-kanade")
+        PatchScorer(scorer.refiner, scorer.detector, scorer.config, scorer.calibration, flow="lucas-kanade")
 
 
 def _moving_square(count: int) -> np.ndarray:

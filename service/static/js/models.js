@@ -32,15 +32,16 @@ export async function modelInfo(version) {
   const calibration = manifest.calibration || {};
   const config = manifest.model_config || {};
   return {
-    threshold: firstNumber(calibration.threshold, manifest.threshold),
-    band: calibration.reject_band || manifest.reject_band || null,
+    threshold: finiteOrNull(calibration.threshold),
+    band: calibration.reject_band || null,
     patch: config.patch_size || null,
     stride: config.stride || null,
   };
 }
 
-function firstNumber(...values) {
-  return values.find((v) => typeof v === "number" && Number.isFinite(v)) ?? null;
+/** tau and its band live in a manifest's calibration only (manifests up to v0003 repeated them at the top). */
+function finiteOrNull(value) {
+  return typeof value === "number" && Number.isFinite(value) ? value : null;
 }
 
 export function initModels() {
@@ -88,7 +89,7 @@ function renderActive(model) {
   const cal = m.calibration || {};
   const val = m.validation || {};
   const footage = m.training_footage || {};
-  const band = cal.reject_band || m.reject_band;
+  const band = cal.reject_band;
   const rows = (pairs) =>
     el("dl", {}, ...pairs.filter(([, v]) => v !== undefined && v !== null && v !== "").flatMap(([k, v, title]) => [
       el("dt", { title }, k),
@@ -106,7 +107,7 @@ function renderActive(model) {
     ]),
     el("h3", {}, "Calibration"),
     rows([
-      ["threshold τ", fmt(firstNumber(cal.threshold, model.threshold), 4)],
+      ["threshold τ", fmt(finiteOrNull(cal.threshold), 4)],
       ["reject band", band ? `${fmt(band[0], 4)} … ${fmt(band[1], 4)}` : null, "frame scores in this band are reported 'uncertain'"],
       ["score", cal.score_mode],
       ["smoothing", cal.smoothing_frames !== undefined ? `${cal.smoothing_frames} frame${cal.smoothing_frames === 1 ? "" : "s"}` : null, "causal mean of the frame scores over this many frames"],
@@ -172,7 +173,7 @@ function renderVersionsTable(activeVersion) {
         : el("button", { type: "button", dataset: { version: entry.version }, onclick: () => activate(entry.version) }, "Activate");
     return el("tr", { className: isActive ? "active" : "" },
       el("td", { title: m.created_at || "" }, entry.version),
-      el("td", {}, fmt(firstNumber(cal.threshold, m.threshold), 3)),
+      el("td", {}, fmt(finiteOrNull(cal.threshold), 3)),
       el("td", {}, fmt(m.validation ? m.validation.separation_auc : null, 3)),
       el("td", {}, fmt(ped2, 3)),
       el("td", {}, action));
