@@ -5,6 +5,7 @@ server scores the next good request as before."""
 from __future__ import annotations
 
 import json
+import resource
 import select
 import socket
 import struct
@@ -44,8 +45,8 @@ def test_random_bytes_and_empty_files(client) -> None:
         assert_clean_error(post(client, "/v1/clips", blob), 415, "unsupported_media_type")
         assert_clean_error(post(client, "/v1/frames", blob), 415, "unsupported_media_type")
         # Random bytes behind a real signature reach the decoders: still a clean 422.
-        assert_clean_error(post(client, "/v1/frames", b"\x89PNG\r\n\x1a\n" + blob), 422)
-        assert_clean_error(post(client, "/v1/frames", b"\xff\xd8\xff" + blob), 422)
+        assert_clean_error(post(client, "/v1/frames", b"\x89PNG\r\n\x1a\n" + blob), 422, "undecodable")
+        assert_clean_error(post(client, "/v1/frames", b"\xff\xd8\xff" + blob), 422, "undecodable")
         assert_clean_error(post(client, "/v1/clips", b"RIFF\0\0\0\0AVI " + blob), 422, "undecodable")
         assert_clean_error(post(client, "/v1/clips", b"\0\0\0\x18ftypisom" + blob), 422, "undecodable")
         tried += 6
@@ -94,7 +95,7 @@ def test_corrupted_middle_scores_what_decodes_and_reports_the_damage(client, tmp
     # Damage from the first frame on: nothing decodable is a 422.
     header = 64 if container == "mp4" else 256
     ruined = data[:header] + np.random.default_rng(1).integers(0, 256, len(data) - header, dtype=np.uint8).tobytes()
-    assert_clean_error(post(client, "/v1/clips", ruined), 422)
+    assert_clean_error(post(client, "/v1/clips", ruined), 422, "undecodable")
     print(f"\n{container}: corrupted middle -> {body['frame_count']}/40 frames scored, "
           f"decode_errors {body['decode_errors']}")
     assert_still_serving(client)
@@ -114,36 +115,56 @@ def _jpeg_frames_declaring(avi: bytes, side: int) -> bytes:
     return bytes(data)
 
 
+# A clip refused by its container or decoder: over a limit, or not decodable.
+DECODER_REFUSALS = {"undecodable", "limit_exceeded"}
+
+
+def assert_clean_error_among(response, allowed: dict[int, set[str]]) -> dict:  # noqa: ANN001
+    """A clean JSON error whose status and error code are one of the ``allowed`` pairs."""
+    body = assert_clean_error(response, tuple(allowed))
+    assert body["error"]["code"] in allowed[response.status_code], (response.status_code, body)
+    return body
+
+
 def test_container_declaring_enormous_sizes(client, tmp_path: Path) -> None:
     """Size fields that claim gigabytes or billions of frames: refused from the header, or decoded
-    as far as the real data goes; quickly, and without the server allocating what they claim."""
+    as far as the real data goes, without the server allocating what they claim (its peak resident
+    memory grows by far less than any claimed size)."""
     avi, mp4 = avi_bytes(tmp_path), mp4_bytes(tmp_path)
     avih, strh, mdat, stsz = avi.find(b"avih"), avi.find(b"strh"), mp4.find(b"mdat"), mp4.find(b"stsz")
     cases = {
-        # (bytes, allowed statuses, expected code)
-        "riff size 4 GiB": (_patch_u32(avi, 4, 0xFFFFFFF0), (200,), None),
-        "avi stream length 2^31 frames": (_patch_u32(avi, strh + 8 + 32, 0x7FFFFFFF), (422,), "limit_exceeded"),
-        "avi total frames 2^31": (_patch_u32(avi, avih + 8 + 16, 0x7FFFFFFF), (200, 422), None),
-        "avi suggested buffer 2 GiB": (_patch_u32(avi, avih + 8 + 28, 0x7FFFFFFF), (200,), None),
-        "avi header 60000x60000": (_patch_u32(_patch_u32(avi, avih + 8 + 32, 60000), avih + 8 + 36, 60000), (200, 422), None),
+        # (bytes, allowed statuses, allowed error codes of a refusal)
+        "riff size 4 GiB": (_patch_u32(avi, 4, 0xFFFFFFF0), (200,), set()),
+        "avi stream length 2^31 frames": (_patch_u32(avi, strh + 8 + 32, 0x7FFFFFFF), (422,), {"limit_exceeded"}),
+        "avi total frames 2^31": (_patch_u32(avi, avih + 8 + 16, 0x7FFFFFFF), (200, 422), DECODER_REFUSALS),
+        "avi suggested buffer 2 GiB": (_patch_u32(avi, avih + 8 + 28, 0x7FFFFFFF), (200,), set()),
+        "avi header 60000x60000": (_patch_u32(_patch_u32(avi, avih + 8 + 32, 60000), avih + 8 + 36, 60000), (200, 422),
+                                   DECODER_REFUSALS),
         "mp4 mdat 2^62 bytes": (mp4[: mdat - 4] + struct.pack(">I", 1) + b"mdat" + struct.pack(">Q", 1 << 62) + mp4[mdat + 4 :],
-                                (422,), "undecodable"),
-        "mp4 mdat 4 GiB": (_patch_u32(mp4, mdat - 4, 0xFFFFFFF0, ">I"), (422,), "undecodable"),
-        "mp4 sample count 2^31": (_patch_u32(mp4, stsz + 12, 0x7FFFFFFF, ">I"), (422,), None),
-        "avi whose JPEG frames declare 30000x30000": (_jpeg_frames_declaring(avi, 30000), (422,), "undecodable"),
-        "y4m 100000x100000": (b"YUV4MPEG2 W100000 H100000 F10:1 Ip A1:1 C420jpeg\nFRAME\n" + bytes(4096), (422,), None),
-        "y4m 12000x12000": (b"YUV4MPEG2 W12000 H12000 F10:1 Ip A1:1 C420jpeg\nFRAME\n" + bytes(4096), (422,), "limit_exceeded"),
+                                (422,), {"undecodable"}),
+        "mp4 mdat 4 GiB": (_patch_u32(mp4, mdat - 4, 0xFFFFFFF0, ">I"), (422,), {"undecodable"}),
+        "mp4 sample count 2^31": (_patch_u32(mp4, stsz + 12, 0x7FFFFFFF, ">I"), (422,), DECODER_REFUSALS),
+        "avi whose JPEG frames declare 30000x30000": (_jpeg_frames_declaring(avi, 30000), (422,), {"undecodable"}),
+        "y4m 100000x100000": (b"YUV4MPEG2 W100000 H100000 F10:1 Ip A1:1 C420jpeg\nFRAME\n" + bytes(4096), (422,),
+                              DECODER_REFUSALS),
+        "y4m 12000x12000": (b"YUV4MPEG2 W12000 H12000 F10:1 Ip A1:1 C420jpeg\nFRAME\n" + bytes(4096), (422,), {"limit_exceeded"}),
     }
-    for name, (data, statuses, code) in cases.items():
+    peak_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for name, (data, statuses, codes) in cases.items():
         started = time.perf_counter()
         response = post(client, "/v1/clips?maps=false", data)
         elapsed = time.perf_counter() - started
         if response.status_code == 200:
-            assert response.json()["frame_count"] <= 40, name
+            assert 200 in statuses, (name, response.text[:300])
+            assert 0 < response.json()["frame_count"] <= 40, name
         else:
-            assert_clean_error(response, statuses, code)
-        assert response.status_code in statuses, (name, response.status_code, response.text)
-        assert elapsed < 20, f"{name}: {elapsed:.1f} s"
+            assert_clean_error_among(response, {status: codes for status in statuses if status != 200})
+        print(f"{name}: {response.status_code} in {elapsed:.2f} s")  # a figure, not a limit
+    # The smallest claim above is 12000x12000 pixels (216 MB a YUV frame); the others are gigabytes.
+    # Peak memory of this process (the server runs in it) grows by less than that: nothing claimed
+    # was allocated and filled.
+    peak_growth_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before_kib) / 1024
+    assert peak_growth_mib < 200, f"peak resident memory grew by {peak_growth_mib:.0f} MiB"
     assert_still_serving(client)
 
 
@@ -262,6 +283,22 @@ def chunked_upload(port: int, path: str, headers: str, chunk: bytes, total: int,
     return sent, status, body
 
 
+def http_reply(sock: socket.socket) -> tuple[int, bytes]:
+    """(status, body) of one HTTP/1.1 response read from ``sock`` (its Content-Length body in full)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed before a response: {data[:200]!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the connection closed inside the body"
+        body += chunk
+    return int(head.split(b" ")[1]), body
+
+
 def test_over_size_upload_is_refused_while_streaming(live_server) -> None:
     counter_holder: list[BodyCounter] = []
 
@@ -287,11 +324,11 @@ def test_over_size_upload_is_refused_while_streaming(live_server) -> None:
         print(f"\n{path}: {total // MiB} MiB offered, {consumed / MiB:.2f} MiB consumed by the app, "
               f"{sent / MiB:.1f} MiB sent by the client before the 413 (limit {limit // MiB} MiB)")
     # A Content-Length over the limit is refused before a byte of the body is read.
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
         sock.sendall(f"POST /v1/clips HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\n"
                      f"Content-Length: {100 * limit}\r\n\r\n".encode())
-        reply = sock.recv(65536)
-    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+        status, body = http_reply(sock)
+    assert status == 413 and json.loads(body)["error"]["code"] == "too_large", (status, body[:200])
     assert counter.consumed[-1] == 0
     assert server.services.batcher.admitted == 0
     assert list(server.services.upload_dir.iterdir()) == []
@@ -339,7 +376,8 @@ def test_file_names_with_path_tricks_are_never_used_as_paths(client, tmp_path: P
             body, headers = multipart(name, good)
             response = client.post(path, content=body, headers=headers)
             if name.startswith(b"\r\n"):  # a header injected in the part header: the part is malformed or fine
-                assert response.status_code in (200, 400, 422), response.text
+                if response.status_code != 200:
+                    assert_clean_error_among(response, {400: {"bad_request"}, 422: {"missing_file"}})
                 continue
             assert response.status_code == 200, (name, response.text)
             assert list(upload_dir.iterdir()) == []

@@ -7,6 +7,7 @@ and canvas pixels (the red anomalous shading on the timeline, hot heatmap colour
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +49,7 @@ def clip_avi(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_video(tmp_path_factory.mktemp("ui-clips") / "anomaly.avi", anomalous_frames())
 
 
-@pytest.fixture(scope="module")
-def clip_webm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """VP8 in WebM: chromium decodes it, so the frame is drawn under the heatmap."""
-    path = tmp_path_factory.mktemp("ui-clips") / "anomaly.webm"
-    frames = anomalous_frames()
+def write_webm(path: Path, frames: np.ndarray) -> Path:
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"VP80"), 10.0, (frames.shape[2], frames.shape[1]))
     if not writer.isOpened():
         pytest.skip("this OpenCV build cannot write VP8 WebM")
@@ -60,6 +57,19 @@ def clip_webm(tmp_path_factory: pytest.TempPathFactory) -> Path:
         writer.write(cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))
     writer.release()
     return path
+
+
+@pytest.fixture(scope="module")
+def clip_webm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """VP8 in WebM: chromium decodes it, so the frame is drawn under the heatmap."""
+    return write_webm(tmp_path_factory.mktemp("ui-clips") / "anomaly.webm", anomalous_frames())
+
+
+@pytest.fixture(scope="module")
+def live_webm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 s of VP8 WebM with the bright block crossing fast in every frame: whichever frames the page
+    samples (that depends on the machine's speed), any two in a row show the anomaly."""
+    return write_webm(tmp_path_factory.mktemp("ui-clips") / "live.webm", synthetic_frames(40, seed=5, anomaly_from=0))
 
 
 def open_page(page: Any, url: str) -> None:
@@ -181,26 +191,44 @@ def test_long_clip_stays_light(page: Any, live_server: Any, tmp_path: Path, scre
 
 
 def test_live_stream_sends_frames_and_shows_replies(
-    page: Any, live_server: Any, clip_webm: Path, screenshot: Any
+    page: Any, live_server: Any, live_webm: Path, screenshot: Any
 ) -> None:
+    """How many frames the page samples and the server scores depends on the machine's speed; what
+    is asserted does not: at least one frame sent and answered, every reply on the wire once and in
+    order, the page's counters matching the wire, the stream ending with the file."""
     server = live_server()
     open_page(page, server.url)
+    wire_replies: list[dict] = []  # what came back over /v1/stream, as seen on the wire
+
+    def watch(ws: Any) -> None:
+        if ws.url.endswith("/v1/stream"):
+            ws.on("framereceived", lambda payload: wire_replies.append(json.loads(payload)))
+
+    page.on("websocket", watch)
     page.click("#tabbtn-live")
-    page.set_input_files("#live-file", str(clip_webm))
+    page.set_input_files("#live-file", str(live_webm))
     page.wait_for_selector("#live-start:not([disabled])")
     page.uncheck("#live-loop")  # the 4 s clip plays once; the stream stops once its frames are answered
     page.click("#live-start")
     page.wait_for_selector("#live-stats[data-state='streaming']")
-    page.wait_for_function("() => Number(document.querySelector('#live-stats').dataset.replies) >= 3", timeout=30_000)
-    latency = float(page.locator("#live-stats").get_attribute("data-latency-ms"))
-    assert 0 < latency < 10_000
-    page.wait_for_selector("#live-canvas[data-heatmap='drawn']")
-    page.wait_for_selector("#live-stats[data-state='stopped']", timeout=30_000)
+    page.wait_for_selector("#live-stats[data-state='stopped']", timeout=120_000)
     assert "The file has ended." in page.inner_text("#live-status")
     stats = page.locator("#live-stats")
     replies, sent = int(stats.get_attribute("data-replies")), int(stats.get_attribute("data-sent"))
-    assert 8 <= replies <= sent <= 45  # ~10 fps over a 4 s clip
-    assert int(stats.get_attribute("data-anomalous")) >= 1  # the bright block, live
+    frame_replies = [r for r in wire_replies if "seq" in r]
+    seqs = [r["seq"] for r in frame_replies]
+    # The server numbers the frames it receives: one reply each, in order, none skipped, never more
+    # than the page sent (fewer only if the page stopped waiting, 5 s after the file ended).
+    assert seqs and seqs == list(range(len(seqs))), seqs
+    assert len(seqs) <= sent
+    assert all("score" in r or r["error"]["code"] == "overloaded" for r in frame_replies), frame_replies
+    scored = [r for r in frame_replies if "score" in r]
+    assert 1 <= replies <= len(scored)  # the page counted the scored replies it got before it stopped
+    assert float(stats.get_attribute("data-latency-ms")) > 0
+    page.wait_for_selector("#live-canvas[data-heatmap='drawn']", state="attached")
+    # The block crosses every frame: the page sends up to 4 frames before it needs a reply, at any
+    # speed, so a frame with motion input (seq >= 1) is scored and shown as anomalous.
+    assert int(stats.get_attribute("data-anomalous")) >= 1, [(r["seq"], r.get("anomalous")) for r in scored]
     assert page.evaluate(COUNT_PIXELS, ["#live-canvas", "tinted"]) > 0  # the map over the gray frame
     assert "round trip" in page.inner_text("#live-stats")
     assert page.locator("#live-error").is_hidden()
