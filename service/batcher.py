@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from service.background import cancel_and_wait
 from service.errors import InferenceFailed, NotReady, Overloaded
 from service.metrics import Metrics
 from service.model_store import ServingModel
@@ -87,13 +88,8 @@ class Batcher:
         self._task = asyncio.create_task(self._run(), name="vad-batcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         while self._pending:
             job = self._pending.popleft()
             if not job.future.done():

@@ -26,6 +26,7 @@ from model import registry
 from model.devices import resolve_device
 from model.offline import scorer_for
 from model.scoring import Calibration, FrameStream, PatchScorer, SkipUnchanged
+from service.background import cancel_and_wait
 from service.errors import NotReady, ServiceError, UnknownVersion, VersionRejected
 from service.metrics import Metrics
 from service.settings import Settings
@@ -169,13 +170,8 @@ class ModelStore:
             self._follower = asyncio.create_task(self._follow(), name="vad-follow-latest")
 
     async def stop(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
-            try:
-                await self._follower
-            except asyncio.CancelledError:
-                pass
-            self._follower = None
+        await cancel_and_wait(self._follower)
+        self._follower = None
 
     async def activate(self, version: str, persist: bool = True) -> tuple[ServingModel, str | None]:
         """Load, verify, smoke-test and swap in ``version``; returns (new model, previous version)."""

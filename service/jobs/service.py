@@ -14,6 +14,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from service.background import cancel_and_wait
 from service.errors import InvalidJobRequest, JobFinished, JobNotFound
 from service.jobs.activation import apply_policy
 from service.jobs.form import receive_training_form
@@ -44,13 +45,8 @@ class TrainingService:
         self._watcher = asyncio.create_task(self._watch(), name="vad-training-watcher")
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            try:
-                await self._watcher
-            except asyncio.CancelledError:
-                pass
-            self._watcher = None
+        await cancel_and_wait(self._watcher)
+        self._watcher = None
 
     async def _watch(self) -> None:
         while True:

@@ -460,27 +460,29 @@ class SqliteJobStore:
         if state not in TERMINAL_STATES:
             raise ValueError(f"not a final state: {state!r}")
         now = time.time()
-        with self._write() as connection:
-            job = self._owned(connection, job_id, worker_id, attempt)
-            if job is None:
-                return False
-            connection.execute(
-                "UPDATE training_jobs SET state = ?, version = ?, error = ?, worker_id = NULL, "
-                "lease_expires_at = NULL, events = ?, updated_at = ?, finished_at = ? WHERE id = ?",
-                (state, version, error, self._event(job, now, state, attempt=attempt, worker=worker_id),
-                 now, now, job_id),
-            )
-            return True
+        return self._end_attempt(job_id, worker_id, attempt, now, state,
+                                 {"state": state, "version": version, "error": error, "finished_at": now})
 
     def release(self, job_id: str, worker_id: str, attempt: int, reason: str) -> bool:
-        now = time.time()
+        # the attempt is handed back uncounted
+        return self._end_attempt(job_id, worker_id, attempt, time.time(), "released", {"state": "queued"},
+                                 "attempts = attempts - 1, ", reason=reason)
+
+    def _end_attempt(
+        self, job_id: str, worker_id: str, attempt: int, now: float, event: str, columns: dict[str, Any],
+        counting: str = "", **details: Any,
+    ) -> bool:
+        """End ``attempt`` if this worker still holds it: set ``columns`` (and the ``counting``
+        expression), drop the lease, record ``event``. False, and no change, when it lost the lease."""
         with self._write() as connection:
             job = self._owned(connection, job_id, worker_id, attempt)
             if job is None:
                 return False
+            assignments = "".join(f"{name} = ?, " for name in columns)
             connection.execute(
-                "UPDATE training_jobs SET state = 'queued', worker_id = NULL, lease_expires_at = NULL, "
-                "attempts = attempts - 1, events = ?, updated_at = ? WHERE id = ?",
-                (self._event(job, now, "released", attempt=attempt, worker=worker_id, reason=reason), now, job_id),
+                f"UPDATE training_jobs SET {assignments}{counting}worker_id = NULL, lease_expires_at = NULL, "
+                "events = ?, updated_at = ? WHERE id = ?",
+                (*columns.values(), self._event(job, now, event, attempt=attempt, worker=worker_id, **details),
+                 now, job_id),
             )
             return True

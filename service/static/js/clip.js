@@ -5,7 +5,7 @@
 
 import { ApiError, apiFetch, el, fmt, readNdjson, showError } from "./api.js";
 import { FLAG_ANOMALOUS, FLAG_UNCERTAIN, FrameSeries, ScoreChart } from "./chart.js";
-import { drawHeatmap, drawLegend, frameSizeForMap, packMap } from "./heatmap.js";
+import { drawHeatmap, drawLegend, frameContext, frameSizeForMap, packMap } from "./heatmap.js";
 import { activeModel, modelInfo, onActiveModel } from "./models.js";
 
 const MAX_SEGMENT_ITEMS = 300;
@@ -483,14 +483,7 @@ function paint(frame, video) {
   const geometry = current.geometry;
   const hasVideo = Boolean(video && video.videoWidth);
   let [w, h] = hasVideo ? [video.videoWidth, video.videoHeight] : map ? frameSizeForMap(map, geometry) : [320, 240];
-  const scale = Math.max(1, Math.min(8, Math.ceil(480 / w)));
-  const canvas = ui.canvas;
-  if (canvas.width !== w * scale || canvas.height !== h * scale) {
-    canvas.width = w * scale;
-    canvas.height = h * scale;
-  }
-  const ctx = canvas.getContext("2d");
-  ctx.setTransform(scale, 0, 0, scale, 0, 0);
+  const ctx = frameContext(ui.canvas, w, h);
   ctx.fillStyle = "#111827";
   ctx.fillRect(0, 0, w, h);
   if (hasVideo) {
@@ -509,9 +502,9 @@ function paint(frame, video) {
     ctx.fillText(current.video === null ? "loading the video…" : "nothing to draw for this frame", w / 2, h / 2);
   }
   ctx.setTransform(1, 0, 0, 1, 0, 0);
-  canvas.dataset.frame = String(frame);
-  canvas.dataset.background = hasVideo ? "video" : "none";
-  canvas.dataset.heatmap = drawn ? "drawn" : "none";
+  ui.canvas.dataset.frame = String(frame);
+  ui.canvas.dataset.background = hasVideo ? "video" : "none";
+  ui.canvas.dataset.heatmap = drawn ? "drawn" : "none";
   if (!map && current.video === false) ui.note.textContent = "No anomaly maps for this clip (the \"anomaly maps\" box was off), and this browser cannot play the video's codec: only the scores are shown.";
   else if (!map) ui.note.textContent = "No anomaly maps for this clip (the \"anomaly maps\" box was off).";
   else if (current.video === false) ui.note.textContent = "This browser cannot play the video's codec, so the anomaly map is shown alone (one cell per patch).";

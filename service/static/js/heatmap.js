@@ -89,6 +89,19 @@ export function drawHeatmap(ctx, map, frameW, frameH, geometry, overlay) {
 }
 
 /** The frame size a map covers when the video itself cannot be shown. */
+/** The canvas sized for a w x h frame, scaled up (at most 8x) to about 480 px wide; its 2D context
+ * draws in frame pixels. */
+export function frameContext(canvas, w, h) {
+  const scale = Math.max(1, Math.min(8, Math.ceil(480 / w)));
+  if (canvas.width !== w * scale || canvas.height !== h * scale) {
+    canvas.width = w * scale;
+    canvas.height = h * scale;
+  }
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(scale, 0, 0, scale, 0, 0);
+  return ctx;
+}
+
 export function frameSizeForMap(map, geometry) {
   if (geometry && geometry.patch && geometry.stride) {
     return [(map.cols - 1) * geometry.stride + geometry.patch, (map.rows - 1) * geometry.stride + geometry.patch];

@@ -5,7 +5,7 @@
 
 import { ApiError, el, fmt, showError } from "./api.js";
 import { FrameSeries, ScoreChart } from "./chart.js";
-import { drawHeatmap } from "./heatmap.js";
+import { drawHeatmap, frameContext } from "./heatmap.js";
 import { modelInfo } from "./models.js";
 
 const MAX_IN_FLIGHT = 4; // frames sent and not yet answered; beyond it a tick is skipped (no queue build-up)
@@ -258,14 +258,7 @@ async function onReply(current, data) {
 
 function paint(bitmap, msg, geometry) {
   const w = bitmap.width, h = bitmap.height;
-  const scale = Math.max(1, Math.min(8, Math.ceil(480 / w)));
-  const canvas = ui.canvas;
-  if (canvas.width !== w * scale || canvas.height !== h * scale) {
-    canvas.width = w * scale;
-    canvas.height = h * scale;
-  }
-  const ctx = canvas.getContext("2d");
-  ctx.setTransform(scale, 0, 0, scale, 0, 0);
+  const ctx = frameContext(ui.canvas, w, h);
   ctx.save();
   ctx.filter = "grayscale(1)";
   ctx.drawImage(bitmap, 0, 0, w, h);
@@ -278,8 +271,8 @@ function paint(bitmap, msg, geometry) {
     ctx.strokeRect(0, 0, w, h);
   }
   ctx.setTransform(1, 0, 0, 1, 0, 0);
-  canvas.dataset.heatmap = drawn ? "drawn" : "none";
-  canvas.dataset.seq = String(msg.seq);
+  ui.canvas.dataset.heatmap = drawn ? "drawn" : "none";
+  ui.canvas.dataset.seq = String(msg.seq);
 }
 
 function packRows(map) {
