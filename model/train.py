@@ -16,6 +16,10 @@ reserved share of it, and a run that has nothing usable when time is up fails wi
 
 Under torchrun each process samples its own patches and DistributedDataParallel averages gradients
 (gloo on CPU, nccl on GPU); rank 0 evaluates, checkpoints and publishes.
+
+The pieces live apart: the stopping rule and the deadlines in model/stopping.py, checkpoint files in
+model/checkpoints.py, reject-and-refine in model/refine.py, calibration in model/calibrate.py and the
+manifest in model/manifest.py; this module runs them in order.
 """
 
 from __future__ import annotations
