@@ -1,68 +1,21 @@
-"""Synthetic footage built once per session, and the tiny model configuration tests train with."""
+"""Session fixtures every suite may use: synthetic footage (tests/support.py makes it), a tiny
+version trained once, the served registry of the service and reliability suites, and the client and
+server factories built on a suite's ``make_settings`` fixture."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-import cv2
-import numpy as np
 import pytest
 
-from model.config import ModelConfig, TrainConfig
+from tests.support import (
+    registry_copy, synthetic_frames, tiny_model_config, tiny_train_config, train_served_registry, write_frames,
+    write_video,
+)
 
 PED2_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "ped2"
-HEIGHT, WIDTH = 64, 96
-
-
-def synthetic_frames(count: int, seed: int, anomaly_from: int | None = None) -> np.ndarray:
-    """A fixed textured background with two small 'pedestrians' walking slowly (1 px/frame).
-
-    From frame ``anomaly_from`` on, a large bright block crosses the scene fast (6 px/frame).
-    """
-    rng = np.random.default_rng(seed)
-    background = cv2.GaussianBlur(rng.integers(60, 140, (HEIGHT, WIDTH)).astype(np.uint8), (5, 5), 0)
-    frames = []
-    for t in range(count):
-        frame = background.copy()
-        for lane, (y, speed) in enumerate(((14, 1), (40, -1))):
-            x = (10 + lane * 30 + speed * t) % (WIDTH - 8)
-            frame[y : y + 12, x : x + 6] = 30
-        if anomaly_from is not None and t >= anomaly_from:
-            x = (6 * (t - anomaly_from)) % (WIDTH - 20)
-            frame[20:40, x : x + 20] = 250
-        noise = rng.normal(0, 2, frame.shape)
-        frames.append(np.clip(frame + noise, 0, 255).astype(np.uint8))
-    return np.stack(frames)
-
-
-def write_frames(folder: Path, frames: np.ndarray) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, frame in enumerate(frames):
-        cv2.imwrite(str(folder / f"{i:03d}.png"), frame)
-    return folder
-
-
-def write_video(path: Path, frames: np.ndarray, fps: float = 10.0) -> Path:
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (frames.shape[2], frames.shape[1]))
-    for frame in frames:
-        writer.write(cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR))
-    writer.release()
-    return path
-
-
-def tiny_model_config(input_mode: str = "appearance+motion") -> ModelConfig:
-    return ModelConfig(
-        input_mode=input_mode, patch_size=16, stride=16, latent_dim=8,
-        refiner_channels=(8, 8, 16), detector_channels=(8, 8, 16),
-    )
-
-
-def tiny_train_config(**overrides) -> TrainConfig:
-    fields = dict(patches_per_epoch=1024, batch_size=64, max_epochs=2, holdout_patches=128,
-                  detector_polish_epochs=1, holdout_fraction=0.2, phase_two_steps=100,
-                  phase_two_batch_size=32)
-    fields.update(overrides)
-    return TrainConfig(**fields)
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +39,40 @@ def trained_weights(tmp_path_factory: pytest.TempPathFactory, normal_footage: li
     train(normal_footage, weights, tiny_model_config(), tiny_train_config(), device="cpu",
           show_progress_bar=False)
     return weights
+
+
+@pytest.fixture(scope="session")
+def served_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The registry the service and reliability suites serve (tests/support.py train_served_registry):
+    v0001 ACTIVE, whose scores put a planted anomaly above every normal frame (checked here), and
+    v0002, v0001 with D's bias shifted. Tests copy it (``weights_dir``) before changing it."""
+    weights, separation = train_served_registry(tmp_path_factory.mktemp("served"))
+    print(f"\nserved v0001 separation: {separation}")
+    return weights
+
+
+@pytest.fixture
+def weights_dir(served_weights: Path, tmp_path: Path) -> Path:
+    """A test's private copy of the served registry (to activate versions in and tamper with)."""
+    return registry_copy(served_weights, tmp_path)
+
+
+@pytest.fixture
+def make_client(make_settings: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """make_client(**settings) -> a started TestClient (lifespan run); all are closed at teardown."""
+    from tests.support import started_clients
+
+    yield from started_clients(make_settings)
+
+
+@pytest.fixture
+def client(make_client: Callable[..., Any]) -> Any:
+    return make_client()
+
+
+@pytest.fixture
+def live_server(make_settings: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """live_server(wrap=None, **settings) -> a started uvicorn server; all are stopped at teardown."""
+    from tests.support import started_servers
+
+    yield from started_servers(make_settings)

@@ -1,50 +1,30 @@
-"""Reliability fixtures: one tiny trained registry per session (v0001 active, v0002 a distinct
-version), and per test a private copy, TestClient and live uvicorn factories, and `vad serve`
-subprocesses (for resident-memory figures and restarts)."""
+"""Reliability fixtures: per test a private copy of the served registry (tests/conftest.py
+served_weights: v0001 active, v0002 a distinct version), the settings its TestClient and live
+uvicorn factories (tests/conftest.py) are built from, and `vad serve` subprocesses (for
+resident-memory figures and restarts)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
-from model.config import TrainConfig
 from service.settings import Settings
-from tests.reliability.helpers import ServerProcess, frames, write_video
-from tests.support import (
-    TINY_JOB_TRAINING, TINY_MODEL, LiveServer, publish_second_version, started_clients, started_servers,
-)
+from tests.reliability.helpers import ServerProcess
+from tests.support import TINY_JOB_TRAINING, TINY_MODEL, clear_vad_environment
 
 
 @pytest.fixture(scope="session")
-def reliability_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """v0001 (trained on synthetic footage, ACTIVE) and v0002 (its detector bias shifted)."""
-    from model.train import train
-
-    root = tmp_path_factory.mktemp("reliability")
-    clip = write_video(root / "normal.avi", frames(24, seed=11), "MJPG")
-    weights = root / "weights"
-    result = train([clip], weights, TINY_MODEL, TrainConfig(**TINY_JOB_TRAINING), device="cpu", show_progress_bar=False)
-    assert result.version == "v0001"
-    publish_second_version(weights, detector_bias_shift=3.0)
-    return weights
-
-
-@pytest.fixture
-def weights_dir(reliability_weights: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(reliability_weights, tmp_path / "weights"))
+def reliability_weights(served_weights: Path) -> Path:
+    """The session's served registry (copy it before changing it)."""
+    return served_weights
 
 
 @pytest.fixture(autouse=True)
 def _no_vad_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("VAD_"):
-            monkeypatch.delenv(name)
+    clear_vad_environment(monkeypatch)
 
 
 @pytest.fixture
@@ -63,23 +43,6 @@ def make_settings(base_values: dict[str, Any]) -> Callable[..., Settings]:
         return Settings(**{**base_values, **overrides})
 
     return make
-
-
-@pytest.fixture
-def make_client(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., TestClient]]:
-    """make_client(**settings) -> a started TestClient (lifespan run); all are closed at teardown."""
-    yield from started_clients(make_settings)
-
-
-@pytest.fixture
-def client(make_client: Callable[..., TestClient]) -> TestClient:
-    return make_client()
-
-
-@pytest.fixture
-def live_server(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., LiveServer]]:
-    """live_server(wrap=None, **settings) -> a started uvicorn server; all are stopped at teardown."""
-    yield from started_servers(make_settings)
 
 
 @pytest.fixture

@@ -12,42 +12,24 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-import cv2
 import httpx
 import numpy as np
 
 from service.bench import server_process
-from tests.support import settings_env
+from tests.support import jpeg_bytes, png_bytes, settings_env, write_video
+from tests.support import synthetic_frames as frames  # the one footage generator (moving blobs)
 
 REPO = Path(__file__).resolve().parents[2]
-HEIGHT, WIDTH, PATCH = 64, 96, 16
 # Never in a response body: stack traces and server paths.
 LEAK_MARKERS = ("Traceback", "/work", "/tmp", 'File "', "site-packages")
 
 
-def frames(count: int, seed: int = 0) -> np.ndarray:
-    """(count, 64, 96) uint8: a bright square moving right on a noisy background."""
-    rng = np.random.default_rng(seed)
-    base = rng.integers(60, 100, (HEIGHT, WIDTH)).astype(np.int16)
-    out = []
-    for t in range(count):
-        frame = base + rng.integers(-6, 7, (HEIGHT, WIDTH))
-        x = (4 + 3 * t) % (WIDTH - 16)
-        frame[24:36, x : x + 12] = 220
-        out.append(np.clip(frame, 0, 255).astype(np.uint8))
-    return np.stack(out)
-
-
 def png(frame: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(".png", frame)
-    assert ok
-    return data.tobytes()
+    return png_bytes(frame)
 
 
 def jpeg(frame: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 90])
-    assert ok
-    return data.tobytes()
+    return jpeg_bytes(frame, quality=90)
 
 
 def png_declaring(width: int, height: int, body: bytes = b"") -> bytes:
@@ -64,15 +46,6 @@ def png_bomb(width: int, height: int) -> bytes:
     idat = struct.pack(">I", len(raw)) + b"IDAT" + raw + struct.pack(">I", zlib.crc32(b"IDAT" + raw))
     iend = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
     return png_declaring(width, height, idat + iend)
-
-
-def write_video(path: Path, clip: np.ndarray, fourcc: str, fps: float = 10.0) -> Path:
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (clip.shape[2], clip.shape[1]), False)
-    assert writer.isOpened(), fourcc
-    for frame in clip:
-        writer.write(frame)
-    writer.release()
-    return path
 
 
 def mp4_bytes(tmp: Path, count: int = 40, seed: int = 1) -> bytes:

@@ -1,45 +1,37 @@
-"""Helpers shared by the service tests: synthetic footage, encoded images, a tiny AVI, metrics parsing."""
+"""Helpers shared by the service tests: headers that declare huge images, metrics parsing, and
+comparisons of served scores with offline ones (footage and its encodings are tests/support.py's)."""
 
 from __future__ import annotations
 
 import struct
 import zlib
-from pathlib import Path
+from collections.abc import Sequence
 
-import cv2
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-HEIGHT, WIDTH = 64, 96
-PATCH = 16
-PATCHES_PER_FRAME = (HEIGHT // PATCH) * (WIDTH // PATCH)  # 4 x 6 = 24
+
+def assert_same_decisions(got: Sequence[dict], want: Sequence[dict], rel: float = 1e-5, abs_: float = 1e-6) -> None:
+    """Served frame results against the model's own: the same values, the same flags (which frames
+    are anomalous or uncertain) and the same ranking of frames by score. Frames whose reference
+    scores are closer than the value tolerance may swap places."""
+    got_scores = np.array([f["score"] for f in got])
+    want_scores = np.array([f["score"] for f in want])
+    assert len(got_scores) == len(want_scores)
+    np.testing.assert_allclose(got_scores, want_scores, rtol=rel, atol=abs_)
+    assert [f["anomalous"] for f in got] == [f["anomalous"] for f in want]
+    assert [f["uncertain"] for f in got] == [f["uncertain"] for f in want]
+    assert_same_ranking(got_scores, want_scores, tolerance=rel * np.abs(want_scores).max() + abs_)
 
 
-def synthetic_frames(count: int, seed: int = 0, start: int = 0, anomaly: bool = False) -> np.ndarray:
-    """(count, 64, 96) uint8: a bright square moving right on a noisy background."""
-    rng = np.random.default_rng(seed)
-    base = rng.integers(60, 100, (HEIGHT, WIDTH)).astype(np.int16)
-    frames = []
-    for t in range(start, start + count):
-        frame = base + rng.integers(-6, 7, (HEIGHT, WIDTH))
-        x = (4 + 3 * t) % (WIDTH - 16)
-        frame[24:36, x : x + 12] = 220
-        if anomaly:
-            frame[4:60, 40:90] = rng.integers(0, 255, (56, 50))
-        frames.append(np.clip(frame, 0, 255).astype(np.uint8))
-    return np.stack(frames)
-
-
-def png_bytes(frame: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(".png", frame)
-    assert ok
-    return data.tobytes()
-
-
-def jpeg_bytes(frame: np.ndarray, quality: int = 95) -> bytes:
-    ok, data = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    assert ok
-    return data.tobytes()
+def assert_same_ranking(got: Sequence[float], want: Sequence[float], tolerance: float = 0.0) -> None:
+    """``got`` orders the frames as ``want`` does: in ``want``'s order, ``got`` never decreases by more
+    than ``tolerance`` (whenever ``want`` tells two frames apart by more than that)."""
+    got, want = np.asarray(got, float), np.asarray(want, float)
+    order = np.argsort(want, kind="stable")
+    for a, b in zip(order[:-1], order[1:]):
+        if want[b] - want[a] > tolerance:
+            assert got[b] > got[a] - tolerance, f"frames {a} and {b}: want {want[a]} < {want[b]}, got {got[a]}, {got[b]}"
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -54,15 +46,6 @@ def jpeg_header_only(width: int, height: int) -> bytes:
     app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
     sof0 = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
     return b"\xff\xd8" + app0 + sof0 + b"\x00" * 32
-
-
-def write_avi(path: Path, frames: np.ndarray, fps: float = 10.0) -> Path:
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (frames.shape[2], frames.shape[1]), False)
-    assert writer.isOpened()
-    for frame in frames:
-        writer.write(frame)
-    writer.release()
-    return path
 
 
 def metric_families(text: str) -> dict:

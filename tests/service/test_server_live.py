@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -16,14 +17,13 @@ from websockets.exceptions import ConnectionClosed
 
 from model.offline import detect_file
 from service.video import VideoSource
-from svc_helpers import (
-    PATCHES_PER_FRAME, histogram_buckets, metric_families, png_bytes, sample_value, synthetic_frames, write_avi,
-)
+from tests.service.svc_helpers import assert_same_decisions, histogram_buckets, metric_families, sample_value
+from tests.support import PATCHES_PER_FRAME, png_bytes, synthetic_frames, write_video
 
 
 def test_http_and_websocket_basics(live_server, tmp_path: Path) -> None:
     server = live_server(ws_max_message_bytes=16_000)
-    clip = write_avi(tmp_path / "clip.avi", synthetic_frames(12, seed=1))
+    clip = write_video(tmp_path / "clip.avi", synthetic_frames(12, seed=1))
     with httpx.Client(base_url=server.url, timeout=30) as http:
         assert http.get("/healthz").json() == {"status": "ok"}
         assert http.get("/readyz").status_code == 200
@@ -58,7 +58,7 @@ def test_ndjson_frames_arrive_before_the_clip_is_decoded(live_server, tmp_path: 
     """Decoding of the third chunk onward waits until the client has received the first frame line;
     a server that buffered the response would leave the gate closed (and the test would fail)."""
     server = live_server(clip_chunk_frames=4)
-    clip = write_avi(tmp_path / "clip.avi", synthetic_frames(24, seed=3))
+    clip = write_video(tmp_path / "clip.avi", synthetic_frames(24, seed=3))
     first_line_seen = threading.Event()
     gate_open_at_read: list[bool] = []
     original = VideoSource.read
@@ -84,7 +84,7 @@ def test_ndjson_frames_arrive_before_the_clip_is_decoded(live_server, tmp_path: 
 
 
 def test_concurrent_streams_share_batches(live_server) -> None:
-    server = live_server(max_queue_delay_ms=100)
+    server = live_server(max_queue_delay_ms=100, skip_unchanged=False)  # every patch of every frame is batched
     streams, frames_each = 4, 6
 
     async def one_stream(index: int) -> list[dict]:
@@ -116,65 +116,89 @@ def test_concurrent_streams_share_batches(live_server) -> None:
     assert batches < streams * frames_each
 
 
-def test_hot_swap_under_load(live_server, tmp_path: Path, weights_dir: Path) -> None:
-    server = live_server(max_queue_delay_ms=20)
-    clip = write_avi(tmp_path / "clip.avi", synthetic_frames(10, seed=7))
-    clip_bytes = clip.read_bytes()
-    reference = {
-        version: [f["score"] for f in detect_file(clip, weights_dir, version=version, include_maps=False)["frames"]]
-        for version in ("v0001", "v0002")
-    }
-    assert not np.allclose(reference["v0001"], reference["v0002"])  # the versions are told apart
-    failures: list[str] = []
-    seen: dict[str, int] = {"v0001": 0, "v0002": 0}
-    stop = asyncio.Event
+SWAPS = ("v0002", "v0001", "v0002", "v0001", "v0002")  # activated in turn; v0001 serves first
 
-    async def run() -> list[str]:
-        done = stop()
-        stream_versions: list[str] = []
+
+def test_hot_swap_under_load(live_server, tmp_path: Path, weights_dir: Path) -> None:
+    """Two clients post clips and one streams frames while versions are activated in turn. Each
+    activation waits until a clip and a stream frame sent after it have been scored, so the test
+    holds at any speed. Every clip must be scored wholly by one version, one active while it ran,
+    with that version's offline scores, flags and ranking; the stream must follow the activations
+    in order."""
+    server = live_server(max_queue_delay_ms=20)
+    clip = write_video(tmp_path / "clip.avi", synthetic_frames(10, seed=7, anomaly_from=6))
+    clip_bytes = clip.read_bytes()
+    reference = {version: detect_file(clip, weights_dir, version=version, include_maps=False)["frames"]
+                 for version in ("v0001", "v0002")}
+    assert not np.allclose([f["score"] for f in reference["v0001"]], [f["score"] for f in reference["v0002"]])
+    assert any(f["anomalous"] for f in reference["v0001"])
+    versions = ("v0001", *SWAPS)  # versions[e]: the version active after e activations
+    started: list[str] = []  # activations sent
+    finished: list[str] = []  # activations answered 200
+    failures: list[str] = []
+    clips: list[tuple[int, int, str]] = []  # (activations finished when sent, started when answered, version)
+    stream: list[tuple[int, int, str]] = []
+
+    async def run() -> None:
+        done = asyncio.Event()
 
         async def clip_client(http: httpx.AsyncClient) -> None:
             while not done.is_set():
+                sent = len(finished)
                 response = await http.post("/v1/clips?maps=false", files={"file": ("c.avi", clip_bytes)})
                 if response.status_code != 200:
                     failures.append(f"clip {response.status_code} {response.text[:200]}")
                     continue
                 body = response.json()
                 version = body["model_version"]
-                seen[version] += 1
-                scores = [f["score"] for f in body["frames"]]
-                if not np.allclose(scores, reference[version], rtol=1e-5, atol=1e-6):
-                    failures.append(f"clip scored by {version} does not match {version}'s scores")
+                clips.append((sent, len(started), version))
+                try:
+                    assert_same_decisions(body["frames"], reference[version])
+                except AssertionError as exc:
+                    failures.append(f"clip scored by {version} is not {version}'s: {exc}")
 
         async def stream_client() -> None:
             frames = [png_bytes(f) for f in synthetic_frames(5, seed=8)]
             async with connect(f"{server.ws_url}/v1/stream") as ws:
                 n = 0
                 while not done.is_set():
+                    sent = len(finished)
                     await ws.send(frames[n % len(frames)])
                     reply = json.loads(await ws.recv())
                     if "error" in reply or reply["seq"] != n:
                         failures.append(f"stream reply {reply}")
-                    stream_versions.append(reply.get("model_version", "?"))
+                    stream.append((sent, len(started), reply.get("model_version", "?")))
                     n += 1
 
         async def swapper(http: httpx.AsyncClient) -> None:
             try:
-                for version in ("v0002", "v0001", "v0002", "v0001", "v0002"):
-                    await asyncio.sleep(0.3)
+                for version in SWAPS:
+                    started.append(version)
                     response = await http.post(f"/v1/models/{version}/activate")
                     if response.status_code != 200:
                         failures.append(f"activate {version}: {response.status_code} {response.text}")
-                await asyncio.sleep(0.3)
+                        return
+                    finished.append(version)
+                    epoch = len(finished)
+                    deadline = time.monotonic() + 120
+                    while not (any(c[0] >= epoch for c in clips) and any(f[0] >= epoch for f in stream)):
+                        if time.monotonic() > deadline or failures:
+                            failures.append(f"no clip and stream frame scored after activating {version} within 120 s")
+                            return
+                        await asyncio.sleep(0.01)
             finally:
                 done.set()
 
-        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
             await asyncio.gather(clip_client(http), clip_client(http), stream_client(), swapper(http))
-        return stream_versions
 
-    stream_versions = asyncio.run(run())
+    asyncio.run(run())
     assert failures == []
-    assert seen["v0001"] > 0 and seen["v0002"] > 0, seen
-    assert {"v0001", "v0002"} <= set(stream_versions)
-    print(f"\nclips per version {seen}, stream frames {len(stream_versions)}")
+    # every reply came from a version active while its request was in flight
+    for sent, answered, version in clips + stream:
+        assert version in versions[sent : answered + 1], (sent, answered, version)
+    # the stream followed the activations in order, one version after the other
+    followed = [version for i, (_, _, version) in enumerate(stream) if i == 0 or stream[i - 1][2] != version]
+    assert followed == list(versions), followed
+    assert {version for _, _, version in clips} == {"v0001", "v0002"}
+    print(f"\nclips {len(clips)}, stream frames {len(stream)}")

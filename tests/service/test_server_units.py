@@ -16,7 +16,8 @@ from service.metrics import Metrics
 from service.model_store import ServingModel
 from service.settings import Settings
 from service.video import check_frame_size, image_size, sniff_video
-from svc_helpers import jpeg_bytes, jpeg_header_only, png_bytes, png_header_only
+from tests.service.svc_helpers import jpeg_header_only, png_header_only
+from tests.support import jpeg_bytes, png_bytes
 
 
 class FakeScorer:

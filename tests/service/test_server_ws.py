@@ -15,25 +15,28 @@ from starlette.websockets import WebSocketDisconnect
 from model import registry
 from model.offline import scorer_for
 from model.scoring import FrameStream
-from svc_helpers import HEIGHT, WIDTH, png_bytes, png_header_only, synthetic_frames
+from tests.service.svc_helpers import assert_same_decisions, png_header_only
+from tests.support import HEIGHT, WIDTH, png_bytes, synthetic_frames
 
 
-def test_replies_in_order_with_stream_state(client, weights_dir: Path) -> None:
-    frames = synthetic_frames(5, seed=11)
+def test_replies_in_order_with_stream_state(make_client, weights_dir: Path) -> None:
+    frames = synthetic_frames(10, seed=11, anomaly_from=6)  # frames 6..9: the planted anomaly
+    client = make_client(ws_max_pending_frames=len(frames))  # all sent before any reply is read: none dropped
     with client.websocket_connect("/v1/stream") as ws:
         for frame in frames:
             ws.send_bytes(png_bytes(frame))
         replies = [ws.receive_json() for _ in frames]
-    assert [r["seq"] for r in replies] == [0, 1, 2, 3, 4]
-    assert [r["index"] for r in replies] == [0, 1, 2, 3, 4]
+    assert [r["seq"] for r in replies] == list(range(10))
+    assert [r["index"] for r in replies] == list(range(10))
     assert all(r["model_version"] == "v0001" and np.array(r["map"]).shape == (HEIGHT // 16, WIDTH // 16) for r in replies)
-    # A stream keeps its previous frame: the scores are those of the whole sequence scored at once,
-    # not of each frame alone (whose motion channel would be empty).
+    # A stream keeps its previous frame: the scores, flags and ranking are those of the whole
+    # sequence scored at once, not of each frame alone (whose motion channel would be empty).
     scorer = scorer_for(registry.load_version(weights_dir, "v0001"))
-    expected = [r.score for r in FrameStream(scorer).score(frames)]
-    alone = [FrameStream(scorer).score(frame[None])[0].score for frame in frames]
-    assert [r["score"] for r in replies] == pytest.approx(expected, rel=1e-5, abs=1e-6)
-    assert [r["score"] for r in replies[1:]] != pytest.approx(alone[1:], rel=1e-5, abs=1e-6)
+    expected = [r.to_dict(include_map=False) for r in FrameStream(scorer).score(frames)]
+    assert [f["anomalous"] for f in expected[6:]] == [True] * 4  # decisions that mean something
+    alone = [FrameStream(scorer).score(frame[None])[0] for frame in frames]
+    assert_same_decisions(replies, expected)
+    assert [r["score"] for r in replies[1:]] != pytest.approx([a.score for a in alone[1:]], rel=1e-5, abs=1e-6)
 
 
 def test_control_options_and_error_replies(client) -> None:
