@@ -221,7 +221,7 @@ def add_model_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]
 
     calibrate = sub.add_parser("calibrate", help="re-calibrate a version on normal footage (new version, same networks)")
     calibrate.add_argument("--version", required=True)
-    calibrate.add_argument("--normal", nargs="+", required=True, help="normal footage; each clip's tail calibrates")
+    calibrate.add_argument("--normal", nargs="+", required=True, help="normal footage; each clip's held-out blocks calibrate")
     calibrate.add_argument("--weights")
     calibrate.add_argument("--score-mode", choices=list(SCORE_MODES))
     calibrate.add_argument("--smoothing", dest="smoothing_frames", type=int, help="causal window (frames)")

@@ -42,6 +42,7 @@ class VersionManifest:
     phase_two: dict[str, Any] | None = None
     reject_and_refine: dict[str, Any] | None = None
     recalibrated_on: dict[str, Any] | None = None
+    training_job: dict[str, Any] | None = None  # the service's job that trained it (id, attempts, worker)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields registry.publish writes (it adds the publishing fields)."""
@@ -53,7 +54,7 @@ class VersionManifest:
             "input": _jsonable(self.input),
             "history": _jsonable(self.history),
         }
-        for name in ("training_footage", "validation", "phase_two", "reject_and_refine", "recalibrated_on"):
+        for name in ("training_footage", "validation", "phase_two", "reject_and_refine", "recalibrated_on", "training_job"):
             value = getattr(self, name)
             if value is not None or name in ("phase_two", "reject_and_refine"):
                 data[name] = _jsonable(value)
@@ -77,13 +78,15 @@ class VersionManifest:
             phase_two=data.get("phase_two"),
             reject_and_refine=data.get("reject_and_refine"),
             recalibrated_on=data.get("recalibrated_on"),
+            training_job=data.get("training_job"),
         )
 
     def recalibrated(self, parent: str, calibration_config: CalibrationConfig, calibration: Calibration,
                      recalibrated_on: dict[str, Any]) -> "VersionManifest":
-        """The manifest of a new version with these networks and another calibration."""
+        """The manifest of a new version with these networks and another calibration (made by no
+        training job, so a retried job never mistakes it for its own)."""
         return replace(self, calibration_config=calibration_config, calibration=calibration, parent_version=parent,
-                       recalibrated_on=recalibrated_on)
+                       recalibrated_on=recalibrated_on, training_job=None)
 
 
 def config_sections(model_config: ModelConfig, train_config: TrainConfig,

@@ -115,10 +115,12 @@ def train(
     show_progress_bar: bool = True,
     checkpoint_dir: str | Path | None = None,
     calibration_config: CalibrationConfig | None = None,
+    training_job: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train on normal footage, calibrate on its held-out normal frames and publish a version (rank
     0). Raises FootageError on bad footage, ConfigError when the score does not fit the input,
-    TimeBudgetError when the budget ends before anything usable exists."""
+    TimeBudgetError when the budget ends before anything usable exists. ``training_job``: the
+    service's job record, stored in the manifest as the version is published."""
     started = time.monotonic()
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
@@ -207,6 +209,7 @@ def train(
             "false_alarm_rate_second_slice": calibration.holdout_check,
         },
         history=[asdict(h) for h in history],
+        training_job=training_job,
     )
     version = registry.publish(weights_dir, refiner, detector, manifest)
     remove_checkpoints(checkpoint_dir)

@@ -271,6 +271,10 @@ class Worker:
                 resume=True, parent_version=options.get("parent_version"),
                 reject_and_refine=bool(options.get("reject_and_refine")),
                 progress=on_progress, show_progress_bar=False, checkpoint_dir=folder,
+                # named in the manifest as it is published, so a retry after a death right after
+                # publishing finds the version (_published_version) instead of publishing another
+                training_job={"id": job.id, "attempts": attempt, "worker": self.worker_id,
+                              "footage": [f["name"] for f in job.footage][:100]},
             )
         except TrainingCancelled:
             finish("cancelled", error="cancelled while training; nothing was published")
@@ -285,16 +289,8 @@ class Worker:
             log.exception("job %s: training failed", job.id)
             finish("failed", error=self._shown(f"training failed: {type(exc).__name__}: {exc}", names))
         else:
-            version = result.version
-            assert version is not None
-            try:
-                registry.update_manifest(settings.weights_dir, version, {
-                    "training_job": {"id": job.id, "attempts": attempt, "worker": self.worker_id,
-                                     "footage": [f["name"] for f in job.footage][:100]},
-                })
-            except (registry.RegistryError, OSError) as exc:
-                log.warning("job %s: could not record the job in %s's manifest: %s", job.id, version, exc)
-            finish("succeeded", version=version)
+            assert result.version is not None
+            finish("succeeded", version=result.version)
         finally:
             heartbeat.stop()
 

@@ -29,9 +29,6 @@ class WorkerDied(BaseException):
     """The worker process ends here (a BaseException: no handler of the worker records anything)."""
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: the worker names the job in the version's manifest only after "
-                   "train() has published it (registry.update_manifest), so a retry does not recognise a version "
-                   "whose worker died in between, and publishes a second one")
 def test_a_version_published_just_before_the_worker_died_is_not_published_again(
     job_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,5 +1,6 @@
 """The typed manifest and the configs it carries: one builder, tau stored once, old manifests load."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -47,7 +48,9 @@ def test_a_new_manifest_stores_tau_once_and_splits_the_configs(tmp_path: Path) -
 
 
 def test_recalibrated_manifest_keeps_the_record_and_names_its_parent() -> None:
-    parsed = VersionManifest.from_dict(registry.read_manifest(BUNDLED, "v0003"))
+    parsed = dataclasses.replace(VersionManifest.from_dict(registry.read_manifest(BUNDLED, "v0003")),
+                                 training_job={"id": "a" * 32})
+    assert parsed.to_dict()["training_job"] == {"id": "a" * 32}
     settings = CalibrationConfig(score_mode="d_r_x", smoothing_frames=3)
     new = parsed.recalibrated("v0003", settings, parsed.calibration, {"clips": 1})
     data = new.to_dict()
@@ -55,6 +58,7 @@ def test_recalibrated_manifest_keeps_the_record_and_names_its_parent() -> None:
     assert data["calibration_config"]["smoothing_frames"] == 3
     assert data["history"] == parsed.to_dict()["history"] and data["phase_two"] == parsed.phase_two
     assert "ped2" not in data  # figures belong to the version they were measured on
+    assert "training_job" not in data  # no job made it: a retried job must not take it for its own
 
 
 def test_combined_training_settings_split_and_unknown_ones_are_named() -> None:
