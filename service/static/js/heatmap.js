@@ -88,7 +88,6 @@ export function drawHeatmap(ctx, map, frameW, frameH, geometry, overlay) {
   return true;
 }
 
-/** The frame size a map covers when the video itself cannot be shown. */
 /** The canvas sized for a w x h frame, scaled up (at most 8x) to about 480 px wide; its 2D context
  * draws in frame pixels. */
 export function frameContext(canvas, w, h) {
@@ -102,6 +101,7 @@ export function frameContext(canvas, w, h) {
   return ctx;
 }
 
+/** The frame size a map covers when the video itself cannot be shown. */
 export function frameSizeForMap(map, geometry) {
   if (geometry && geometry.patch && geometry.stride) {
     return [(map.cols - 1) * geometry.stride + geometry.patch, (map.rows - 1) * geometry.stride + geometry.patch];
