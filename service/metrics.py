@@ -16,6 +16,7 @@ QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 
 INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_PATCH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 BATCH_JOB_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
 
 
 class Metrics:
@@ -69,10 +70,36 @@ class Metrics:
             "Activation-policy decisions on succeeded training jobs (activated, kept, refused, manual).",
             ["decision"], registry=r,
         )
+        # Cameras (label: the camera's name; removed with the camera)
+        self.camera_state = Gauge(
+            "vad_camera_state", "1 for each camera's current state (connecting, live, reconnecting, failed, disabled).",
+            ["camera", "state"], registry=r,
+        )
+        self.camera_frames = Counter("vad_camera_frames_scored", "Frames scored per camera.", ["camera"], registry=r)
+        self.camera_anomalous = Counter(
+            "vad_camera_anomalous_frames", "Frames scored above tau per camera.", ["camera"], registry=r,
+        )
+        self.camera_reconnects = Counter("vad_camera_reconnects", "Reconnect attempts per camera.", ["camera"], registry=r)
+        self.camera_lag = Histogram(
+            "vad_camera_lag_seconds", "From a camera frame's capture to its score.",
+            ["camera"], buckets=LAG_BUCKETS, registry=r,
+        )
+        # Events and their delivery
+        self.events_opened = Counter("vad_events_opened", "Events opened.", ["source"], registry=r)
+        self.events_closed = Counter("vad_events_closed", "Events closed.", ["source"], registry=r)
+        self.webhook_deliveries = Counter(
+            "vad_webhook_deliveries", "Webhook delivery attempts by outcome (delivered, failed, dropped).",
+            ["outcome"], registry=r,
+        )
+        self.webhook_outbox = Gauge("vad_webhook_outbox", "Webhook deliveries waiting in the outbox.", registry=r)
         for source in ("clip", "frame", "stream"):  # export zeros before the first observation
             self.frames.labels(source)
             self.anomalous_frames.labels(source)
             self.rejected.labels(source)
+            self.events_opened.labels(source if source != "frame" else "camera")
+            self.events_closed.labels(source if source != "frame" else "camera")
+        for outcome in ("delivered", "failed", "dropped"):
+            self.webhook_deliveries.labels(outcome)
 
     def set_active_model(self, version: str, device: str) -> None:
         self.active_model.clear()

@@ -93,6 +93,36 @@ class Settings(BaseSettings):
         description="TrainConfig and CalibrationConfig fields for jobs (JSON); a job's options win.",
     )
 
+    # Cameras (POST /v1/cameras): what may be opened, and how a dropped camera is reconnected
+    camera_url_allow: list[str] = Field(
+        default_factory=list,
+        description='JSON list of "scheme://host" or "scheme://host:port" a camera URL may name (a host may start '
+                    'with "*.", no port = any port); empty: cameras are disabled. Files: file:// under VAD_FOOTAGE_ROOT.',
+    )
+    max_cameras: int = Field(32, ge=0, description="Most cameras one server watches.")
+    camera_reconnect_initial_s: float = Field(1.0, gt=0, description="First wait before reconnecting a dropped camera.")
+    camera_reconnect_max_s: float = Field(30.0, gt=0, description="Cap of the doubling wait between reconnects.")
+    camera_open_timeout_s: float = Field(10.0, gt=0, description="How long opening a camera (or reading a frame) may take.")
+
+    # Events: runs of anomalous frames (cameras, opted-in WebSocket streams, clip uploads)
+    event_open_frames: int = Field(3, ge=1, description="k: an event opens when k of the last n frames are over tau.")
+    event_window_frames: int = Field(5, ge=1, description="n: the window event_open_frames counts in.")
+    event_close_frames: int = Field(10, ge=1, description="m: an open event closes after m frames in a row at or under tau.")
+    event_max_frames: int = Field(3000, ge=1, description="An event this long is closed and a new one opened (endless ones split).")
+    event_retention_days: float = Field(30.0, gt=0, description="Events (and their snapshots) older than this are deleted.")
+    event_max_bytes: int = Field(1024 * MiB, ge=1, description="Snapshots kept at most; the oldest events go first.")
+
+    # Webhooks: every event opened and closed is POSTed to each URL, signed, from a persistent outbox
+    webhook_urls: list[str] = Field(default_factory=list, description="JSON list of URLs that receive events.")
+    webhook_secret: SecretStr | None = Field(
+        None, description="Shared secret of the X-VAD-Signature header (sha256=HMAC-SHA256 of the body)."
+    )
+    webhook_max_attempts: int = Field(8, ge=1, description="Deliveries tried per event and URL before it is dropped.")
+    webhook_retry_initial_s: float = Field(1.0, gt=0, description="First wait before a failed delivery is retried (doubles).")
+    webhook_retry_max_s: float = Field(300.0, gt=0, description="Cap of the wait between retries.")
+    webhook_timeout_s: float = Field(5.0, gt=0, description="Seconds one delivery may take.")
+    webhook_outbox_max: int = Field(10_000, ge=1, description="Deliveries waiting at most; beyond it the oldest are dropped.")
+
     # Access
     api_key: SecretStr | None = Field(None, description="When set, Bearer key required on state-changing endpoints.")
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (JSON list); none by default.")
