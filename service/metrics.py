@@ -16,6 +16,7 @@ QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 
 INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_PATCH_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 BATCH_JOB_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+EVENT_SOURCES = ("camera", "stream", "clip")  # what an event can come from
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -96,8 +97,9 @@ class Metrics:
             self.frames.labels(source)
             self.anomalous_frames.labels(source)
             self.rejected.labels(source)
-            self.events_opened.labels(source if source != "frame" else "camera")
-            self.events_closed.labels(source if source != "frame" else "camera")
+        for source in EVENT_SOURCES:
+            self.events_opened.labels(source)
+            self.events_closed.labels(source)
         for outcome in ("delivered", "failed", "dropped"):
             self.webhook_deliveries.labels(outcome)
 
