@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -147,6 +148,18 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_root_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _http_webhook_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                shown = f"{parts.scheme}://{parts.hostname or ''}..." if parts.scheme else "a URL without a scheme"
+                raise ValueError(f"webhook_urls: {shown} is not an http:// or https:// URL with a host")
+        if len(set(value)) != len(value):
+            raise ValueError("webhook_urls: a URL is listed twice")
+        return value
 
     @field_validator("training_model_config")
     @classmethod
