@@ -12,6 +12,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 
+import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -21,6 +22,8 @@ from service.errors import ServiceError, error_body
 from service.model_store import ServingModel
 from service.pipeline import SOURCE_CLIP, ClipTimings, BatchedStream, iter_clip_results, read_first_chunk
 from service.responses import ManagedStreamingResponse, json_response, ndjson_line
+from service.schemas import ThumbnailMode
+from service.thumbnails import ClipThumbnails
 from service.uploads import SavedUpload, receive_file
 from service.video import VideoLimits, VideoSource, sniff_video
 
@@ -44,24 +47,28 @@ async def _open_upload(upload: SavedUpload, container: str, suffix: str, limits:
 
 
 async def _ndjson(
-    results: AsyncIterator[FrameResult], model: ServingModel, source: VideoSource, scorer: BatchedStream,
-    include_maps: bool, timings: ClipTimings,
+    results: AsyncIterator[tuple[np.ndarray, FrameResult]], model: ServingModel, source: VideoSource,
+    scorer: BatchedStream, include_maps: bool, timings: ClipTimings, thumbnails: ClipThumbnails,
 ) -> AsyncIterator[bytes]:
     done: list[FrameResult] = []
     try:
-        async for result in results:
+        async for gray, result in results:
             done.append(result)
             yield ndjson_line(clip_frame_line(result, include_maps))
+            if thumbnails.enabled and (thumbnail := await thumbnails.take(gray, result)) is not None:
+                yield ndjson_line({"type": "thumbnail", **thumbnail})
     except ServiceError as exc:
         yield ndjson_line({"type": "error", **error_body(exc.code, exc.message)})
         return
     summary = clip_summary(model.version, model.threshold, source.fps, done, False, timings.as_dict(source, scorer),
                            include_frames=False)
-    yield ndjson_line({"type": "summary", **summary, **damage_report(source)})
+    extra = thumbnails.summary() if thumbnails.enabled else {}
+    yield ndjson_line({"type": "summary", **summary, **damage_report(source), **extra})
 
 
 async def clip_response(
-    request: Request, services: Services, model: ServingModel, include_maps: bool, ndjson: bool
+    request: Request, services: Services, model: ServingModel, include_maps: bool, ndjson: bool,
+    thumbnail_mode: ThumbnailMode = ThumbnailMode.none,
 ) -> Response:
     settings, batcher = services.settings, services.batcher
     assert services.upload_dir is not None
@@ -92,14 +99,22 @@ async def clip_response(
         raise
     scorer = BatchedStream(model, batcher, services.metrics, SOURCE_CLIP, source.fps)
     results = iter_clip_results(source, scorer, settings.clip_chunk_frames, first)
+    thumbnails = ClipThumbnails(thumbnail_mode, source, model, keep=not ndjson)
     if ndjson:
-        return ManagedStreamingResponse(_ndjson(results, model, source, scorer, include_maps, timings), release)
+        return ManagedStreamingResponse(
+            _ndjson(results, model, source, scorer, include_maps, timings, thumbnails), release
+        )
+    frames: list[FrameResult] = []
     try:
-        frames = [result async for result in results]
+        async for gray, result in results:
+            frames.append(result)
+            if thumbnails.enabled:
+                await thumbnails.take(gray, result)
     finally:
         await results.aclose()
         await release()
     summary = await asyncio.to_thread(  # maps of thousands of frames: built off the event loop
         clip_summary, model.version, model.threshold, source.fps, frames, include_maps, timings.as_dict(source, scorer)
     )
-    return await json_response({**summary, **damage_report(source)})
+    extra = thumbnails.summary() if thumbnails.enabled else {}
+    return await json_response({**summary, **damage_report(source), **extra})

@@ -87,15 +87,16 @@ def _swallow(task: asyncio.Future) -> None:
 
 async def iter_clip_results(
     source: VideoSource, scorer: BatchedStream, chunk_frames: int, first: np.ndarray
-) -> AsyncIterator[FrameResult]:
-    """Score a clip chunk by chunk from its ``first`` chunk on, yielding each frame's result as its
-    chunk is scored; the next chunk is decoded while the current one is scored."""
+) -> AsyncIterator[tuple[np.ndarray, FrameResult]]:
+    """Score a clip chunk by chunk from its ``first`` chunk on, yielding each frame (H, W) with its
+    result as its chunk is scored; the next chunk is decoded while the current one is scored. Only
+    the current chunk's frames are held."""
     gray: np.ndarray | None = first
     read = asyncio.ensure_future(asyncio.to_thread(source.read, chunk_frames))
     try:
         while gray is not None:
-            for result in await scorer.score(gray):
-                yield result
+            for frame, result in zip(gray, await scorer.score(gray)):
+                yield frame, result
             gray = await read
             if gray is not None:
                 read = asyncio.ensure_future(asyncio.to_thread(source.read, chunk_frames))

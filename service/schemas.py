@@ -3,6 +3,7 @@ document them in OpenAPI, type the small endpoints and validate WebSocket contro
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
@@ -33,6 +34,24 @@ class FrameResponse(FrameOut):
     threshold: float
 
 
+class ThumbnailMode(str, Enum):
+    """POST /v1/clips ``thumbnails``: which frames come back as small JPEGs (service/thumbnails.py)."""
+
+    none = "none"
+    anomalous = "anomalous"
+    all = "all"
+
+
+class Thumbnail(BaseModel):
+    index: int = Field(description="The frame's index.")
+    jpeg: str = Field(description="The frame in gray levels as a JPEG, longer side at most 240 px, base64.")
+
+
+class ProcessedSize(BaseModel):
+    width: int
+    height: int
+
+
 class ClipResponse(BaseModel):
     model_version: str
     threshold: float
@@ -43,6 +62,13 @@ class ClipResponse(BaseModel):
     timings: dict[str, float]
     damaged: bool = Field(False, description="The container declares frames that did not decode (damaged or truncated).")
     decode_errors: int = Field(0, description="How many declared frames did not decode; the others were scored.")
+    thumbnails: list[Thumbnail] | None = Field(
+        None, description="With thumbnails=anomalous|all: small JPEGs of chosen frames (at most 200), by index."
+    )
+    thumbnail_count: int | None = Field(None, description="With thumbnails=anomalous|all: how many came.")
+    processed_size: ProcessedSize | None = Field(
+        None, description="With thumbnails: the frame size the maps' patch grid lies on; stretch a thumbnail to it."
+    )
 
 
 class VersionEntry(BaseModel):

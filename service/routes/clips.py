@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from service.clip_scoring import clip_response
 from service.deps import AcceptHeader, IncludeMaps, ReadyModel, ServicesDep, StreamFlag
 from service.responses import NDJSON_MEDIA_TYPE, wants_ndjson
-from service.schemas import ClipResponse, ErrorResponse
+from service.schemas import ClipResponse, ErrorResponse, ThumbnailMode
 
 router = APIRouter(tags=["scoring"])
+
+ThumbnailsOption = Annotated[ThumbnailMode, Query(
+    alias="thumbnails",
+    description="Small JPEGs of frames in the response (at most 200): none, the anomalous frames plus an even "
+    "sample of the rest, or an even sample of all (every frame of a clip of up to 200). See docs/server.md.",
+)]
 
 
 @router.post(
@@ -23,6 +31,6 @@ router = APIRouter(tags=["scoring"])
 )
 async def score_clip(
     request: Request, services: ServicesDep, model: ReadyModel, maps: IncludeMaps = True,
-    stream: StreamFlag = False, accept: AcceptHeader = None,
+    stream: StreamFlag = False, accept: AcceptHeader = None, thumbnails: ThumbnailsOption = ThumbnailMode.none,
 ) -> Response:
-    return await clip_response(request, services, model, maps, wants_ndjson(accept, stream))
+    return await clip_response(request, services, model, maps, wants_ndjson(accept, stream), thumbnails)
