@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import json
 import logging
+import sqlite3
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -45,6 +46,7 @@ from service.settings import Settings
 log = logging.getLogger("vad.webhooks")
 
 DELIVERED_KINDS = ("opened", "closed")  # "updated" changes are for SSE only
+DATABASE_RETRY_S = 5.0  # a sender whose outbox read or write failed (disk, lock) tries again after this
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -124,20 +126,28 @@ class WebhookOutbox:
             self._client = None
 
     async def _send_all(self, url: str) -> None:
-        """Send ``url``'s deliveries oldest first, each until delivered or dropped; wait when none is due."""
-        wake = self._wakes[url]
+        """Send ``url``'s deliveries oldest first, each until delivered or dropped."""
         while True:
-            wake.clear()  # before reading, so an insert after the read still wakes us
-            delivery = self.store.head(url)
-            if delivery is None:
-                await wake.wait()
-                continue
-            wait = delivery.next_at - time.time()
-            if wait > 0:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(wake.wait(), wait)  # woken early: the head may have been dropped
-                continue
-            await self._attempt(delivery)
+            try:
+                await self._send_next(url)
+            except sqlite3.Error:
+                log.exception("webhook outbox of %s: database error; trying again in %.0f s", shown_url(url), DATABASE_RETRY_S)
+                await asyncio.sleep(DATABASE_RETRY_S)
+
+    async def _send_next(self, url: str) -> None:
+        """Attempt ``url``'s oldest delivery if it is due, else wait until it is or a change arrives."""
+        wake = self._wakes[url]
+        wake.clear()  # before reading, so an insert after the read still wakes us
+        delivery = self.store.head(url)
+        if delivery is None:
+            await wake.wait()
+            return
+        wait = delivery.next_at - time.time()
+        if wait > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), wait)  # woken early: the head may have been dropped
+            return
+        await self._attempt(delivery)
 
     async def _attempt(self, delivery: Delivery) -> None:
         self._in_flight.add(delivery.id)
@@ -180,7 +190,7 @@ class WebhookOutbox:
             headers["X-VAD-Signature"] = signature(self._secret, body)
         try:
             response = await self._client.post(delivery.url, content=body, headers=headers)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if 200 <= response.status_code < 300:
             return None
