@@ -115,6 +115,44 @@ class JobFinished(ServiceError):
     code = "job_finished"
 
 
+class CamerasDisabled(ServiceError):
+    """VAD_CAMERA_URL_ALLOW is empty: no camera may be added."""
+
+    code = "cameras_disabled"
+
+
+class CameraUrlRefused(ServiceError):
+    """A camera URL the allowlist (or the footage root, for files) does not permit."""
+
+    code = "camera_url_refused"
+
+
+class InvalidCameraUrl(ServiceError):
+    """A camera URL that does not parse (no host, bad port, control characters)."""
+
+    code = "invalid_camera_url"
+
+
+class CameraNotFound(ServiceError):
+    code = "camera_not_found"
+
+
+class CameraExists(ServiceError):
+    code = "camera_exists"
+
+
+class TooManyCameras(ServiceError):
+    """Adding a camera beyond VAD_MAX_CAMERAS."""
+
+    code = "too_many_cameras"
+
+
+class NoCameraFrame(ServiceError):
+    """A camera's latest picture, asked for before its first scored frame."""
+
+    code = "no_frame_yet"
+
+
 HTTP_STATUS: dict[type[ServiceError], int] = {
     BadRequest: 400,
     Unauthorized: 401,
@@ -122,6 +160,13 @@ HTTP_STATUS: dict[type[ServiceError], int] = {
     UnknownVersion: 404,
     JobNotFound: 404,
     JobFinished: 409,
+    CamerasDisabled: 403,
+    CameraUrlRefused: 403,
+    InvalidCameraUrl: 422,
+    CameraNotFound: 404,
+    CameraExists: 409,
+    TooManyCameras: 409,
+    NoCameraFrame: 404,
     InvalidJobRequest: 422,
     UploadTooLarge: 413,
     UnsupportedMedia: 415,
