@@ -45,7 +45,7 @@ def anomalous_frames() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def clip_avi(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """MJPG in AVI (tests/conftest.py write_video): chromium cannot play it -> map-only view."""
+    """MJPG in AVI (tests/conftest.py write_video): chromium cannot play it -> the server's thumbnails."""
     return write_video(tmp_path_factory.mktemp("ui-clips") / "anomaly.avi", anomalous_frames())
 
 
@@ -70,6 +70,16 @@ def live_webm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 s of VP8 WebM with the bright block crossing fast in every frame: whichever frames the page
     samples (that depends on the machine's speed), any two in a row show the anomaly."""
     return write_webm(tmp_path_factory.mktemp("ui-clips") / "live.webm", synthetic_frames(40, seed=5, anomaly_from=0))
+
+
+def canvas_matches_frame(page: Any, frame: np.ndarray) -> float:
+    """The correlation between the frame canvas as shown (gray levels) and ``frame`` scaled to it, both
+    slightly blurred (the thumbnail went through two JPEG encodings and a 5x upscale): about 0.9 for
+    the frame itself, about 0.7 for another background with the same walkers, about 0 for a dark field."""
+    shot = cv2.imdecode(np.frombuffer(page.locator("#frame-canvas").screenshot(), np.uint8), cv2.IMREAD_GRAYSCALE)
+    expected = cv2.resize(frame, (shot.shape[1], shot.shape[0]), interpolation=cv2.INTER_LINEAR)
+    blurred = [cv2.GaussianBlur(image, (9, 9), 0).ravel().astype(float) for image in (shot, expected)]
+    return float(np.corrcoef(*blurred)[0, 1])
 
 
 def open_page(page: Any, url: str) -> None:
@@ -126,8 +136,11 @@ def test_clip_upload_draws_timeline_segments_and_heatmap(
         job = queued.json()["id"]
         page.wait_for_selector(f"#jobs li[data-job='{job}'][data-state='queued'] button[data-cancel]", timeout=15_000)
 
-    # 1) AVI/MJPG: the browser cannot play it -> the heatmap is drawn alone
+    # 1) AVI/MJPG: the browser cannot play it -> the page asks for thumbnails and draws them under the maps
+    thumbnail_requests: list[str] = []
+    page.on("request", lambda request: thumbnail_requests.append(request.url) if "thumbnails=" in request.url else None)
     upload(page, clip_avi)
+    assert len(thumbnail_requests) == 1 and "thumbnails=anomalous" in thumbnail_requests[0]
     results = page.locator("#clip-results")
     assert results.get_attribute("data-frames") == "40"
     segments = int(results.get_attribute("data-segments"))
@@ -137,17 +150,30 @@ def test_clip_upload_draws_timeline_segments_and_heatmap(
     late = [k for k, start in enumerate(starts) if start >= 15]
     assert late, starts  # the block crossing from frame 20 on is found (frame 0 has no motion input)
     assert page.evaluate(COUNT_PIXELS, ["#timeline", "anomalousMark"]) > 0  # anomalous shading drawn
-    page.wait_for_selector("#frame-canvas[data-heatmap='drawn'][data-background='none']")
+    page.wait_for_selector("#frame-canvas[data-heatmap='drawn'][data-background='thumbnail']")
     assert page.evaluate(COUNT_PIXELS, ["#frame-canvas", "hot"]) > 0  # the peak frame's map is hot
-    assert "cannot play" in page.inner_text("#frame-note")
+    assert "cannot play" in page.inner_text("#frame-note") and "thumbnail" in page.inner_text("#frame-note")
+    # a normal frame: what is on the canvas is that frame (not a dark field with a map on it)
+    page.focus("#timeline")
+    page.keyboard.press("Home")
+    for _ in range(5):
+        page.keyboard.press("ArrowRight")
+    page.wait_for_selector("#frame-canvas[data-frame='5'][data-background='thumbnail'][data-thumbnail='5']")
+    assert canvas_matches_frame(page, anomalous_frames()[5]) > 0.8  # the frame, under its (faint) map
+    page.uncheck("#frame-overlay")  # the heatmap box off: the thumbnail alone
+    page.wait_for_selector("#frame-canvas[data-frame='5'][data-heatmap='none'][data-background='thumbnail']")
+    assert canvas_matches_frame(page, anomalous_frames()[5]) > 0.8
+    screenshot(page, "clip-avi-thumbnail-alone")
+    page.check("#frame-overlay")
     # clicking a segment jumps to its first frame
     page.click(f"#segments button[data-segment='{late[0]}']")
     page.wait_for_selector(f"#clip-results[data-selected='{starts[late[0]]}']")
-    page.wait_for_selector(f"#frame-canvas[data-frame='{starts[late[0]]}'][data-heatmap='drawn']")
-    screenshot(page, "clip-avi-map-only")
+    page.wait_for_selector(f"#frame-canvas[data-frame='{starts[late[0]]}'][data-heatmap='drawn'][data-background='thumbnail']")
+    screenshot(page, "clip-avi-thumbnails")
 
     # 2) WebM/VP8: decoded by the browser, the frame is drawn under the heatmap
     upload(page, clip_webm)
+    assert len(thumbnail_requests) == 1  # a clip the browser plays comes without thumbnails
     assert results.get_attribute("data-frames") == "40"
     assert int(results.get_attribute("data-segments")) >= 1
     page.wait_for_selector("#frame-canvas[data-heatmap='drawn'][data-background='video']")

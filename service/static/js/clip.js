@@ -1,7 +1,9 @@
 // "Score a clip": upload with NDJSON streaming (frames appear as they are scored), then the score
 // timeline (tau, reject band, anomalous segments) and a frame viewer: the browser decodes the same
-// file locally (<video> + seek to the frame's timestamp) and the anomaly map is drawn over it; when
-// the browser cannot play the codec, the map is drawn alone.
+// file locally (<video> + seek to the frame's timestamp) and the anomaly map is drawn over it. When
+// the browser cannot play the codec (an MJPG AVI), the page asks the server for thumbnails (the
+// anomalous frames and a sample of the rest, small JPEGs) and draws each frame's thumbnail, or the
+// nearest one, under its map.
 
 import { ApiError, apiFetch, el, fmt, readNdjson, showError } from "./api.js";
 import { FLAG_ANOMALOUS, FLAG_UNCERTAIN, FrameSeries, ScoreChart } from "./chart.js";
@@ -24,6 +26,8 @@ function newClip(file) {
     series: new FrameSeries(512),
     timestamps: [],
     maps: [],
+    thumbs: { indices: [], images: [] }, // thumbnails by frame index, in index order
+    processedSize: null, // [w, h]: the frame size the maps lie on (sent with thumbnails)
     summary: null,
     fps: 0,
     threshold: null,
@@ -150,16 +154,18 @@ async function start() {
   ui.scrubber.max = "0";
   ui.canvas.dataset.heatmap = "none";
   clearCanvas();
-  ui.status.textContent = `Uploading ${file.name} (${formatBytes(file.size)}) and decoding…`;
+  ui.status.textContent = `Checking whether this browser can play ${file.name}…`;
   setProgress(null);
 
-  probeVideo(current);
-  await applyModel(activeModel() ? activeModel().version : null);
+  // the probe decides the request: a file the browser cannot play comes back with thumbnails
+  const [playable] = await Promise.all([probeVideo(current), applyModel(activeModel() ? activeModel().version : null)]);
+  if (run !== runId) return;
+  ui.status.textContent = `Uploading ${file.name} (${formatBytes(file.size)}) and decoding…`;
 
   const started = performance.now();
   const form = new FormData();
   form.append("file", file, file.name);
-  const query = `stream=true&maps=${ui.maps.checked ? "true" : "false"}`;
+  const query = `stream=true&maps=${ui.maps.checked ? "true" : "false"}${playable ? "" : "&thumbnails=anomalous"}`;
   try {
     const response = await apiFetch(`/v1/clips?${query}`, {
       method: "POST",
@@ -179,6 +185,8 @@ async function start() {
           lastStatus = now;
           updateStreamingStatus(current, started);
         }
+      } else if (line.type === "thumbnail") {
+        addThumbnail(current, line);
       } else if (line.type === "summary") {
         finish(current, line, started);
       } else if (line.type === "error") {
@@ -216,6 +224,31 @@ function addFrame(current, line) {
   chart.requestDraw();
 }
 
+/** A frame's thumbnail (base64 JPEG) as an image; the frame on screen is redrawn once it has decoded. */
+function addThumbnail(current, line) {
+  const image = new Image();
+  image.src = `data:image/jpeg;base64,${line.jpeg}`;
+  current.thumbs.indices.push(Number(line.index));
+  current.thumbs.images.push(image);
+  image.decode().then(() => {
+    if (clip === current && current.selected >= 0 && nearestThumbnail(current, current.selected).image === image) showFrame();
+  }, () => {});
+}
+
+/** The thumbnail of ``frame``, or of the nearest frame that has one: {index, image} or null. */
+function nearestThumbnail(current, frame) {
+  const { indices, images } = current.thumbs;
+  if (!indices.length) return null;
+  let lo = 0, hi = indices.length - 1;
+  while (lo < hi) { // the first index >= frame
+    const mid = (lo + hi) >> 1;
+    if (indices[mid] < frame) lo = mid + 1;
+    else hi = mid;
+  }
+  const k = lo > 0 && Math.abs(indices[lo - 1] - frame) <= Math.abs(indices[lo] - frame) ? lo - 1 : lo;
+  return { index: indices[k], image: images[k] };
+}
+
 function updateStreamingStatus(current, started) {
   const n = current.series.count;
   const seconds = (performance.now() - started) / 1000;
@@ -233,6 +266,8 @@ function finish(current, summary, started) {
   current.summary = summary;
   current.fps = summary.fps || current.fps;
   current.threshold = summary.threshold;
+  const size = summary.processed_size;
+  if (size && size.width > 0 && size.height > 0) current.processedSize = [size.width, size.height];
   setState("done");
   setProgress(1);
   chart.span = 0;
@@ -400,27 +435,31 @@ function stopPlaying() {
   if (ui) ui.play.textContent = "Play";
 }
 
-/** Probes whether this browser can decode the file; clip.video = true / false. */
+/** Probes whether this browser can decode the file: resolves true / false (also kept in clip.video). */
 function probeVideo(current) {
   const video = ui.video;
   current.objectUrl = URL.createObjectURL(current.file);
-  let settled = false;
-  const settle = (ok) => {
-    if (settled || clip !== current) return;
-    settled = true;
-    clearTimeout(timer);
-    current.video = ok;
-    video.removeEventListener("loadeddata", onData);
-    video.removeEventListener("error", onError);
-    if (current.selected >= 0) showFrame();
-  };
-  const onData = () => settle(video.videoWidth > 0);
-  const onError = () => settle(false);
-  const timer = setTimeout(() => settle(false), VIDEO_PROBE_MS);
-  video.addEventListener("loadeddata", onData);
-  video.addEventListener("error", onError);
-  video.src = current.objectUrl;
-  video.load();
+  return new Promise((resolve) => {
+    let settled = false;
+    const settle = (ok) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      video.removeEventListener("loadeddata", onData);
+      video.removeEventListener("error", onError);
+      resolve(ok);
+      if (clip !== current) return;
+      current.video = ok;
+      if (current.selected >= 0) showFrame();
+    };
+    const onData = () => settle(video.videoWidth > 0);
+    const onError = () => settle(false);
+    const timer = setTimeout(() => settle(false), VIDEO_PROBE_MS);
+    video.addEventListener("loadeddata", onData);
+    video.addEventListener("error", onError);
+    video.src = current.objectUrl;
+    video.load();
+  });
 }
 
 const seek = { busy: false, wanted: -1, timer: null };
@@ -477,24 +516,35 @@ function clearCanvas() {
   ctx.fillRect(0, 0, ui.canvas.width, ui.canvas.height);
 }
 
+/** The frame's size on the canvas: the video's, else the size the maps lie on, else the map's extent. */
+function frameSize(current, map, video) {
+  if (video) return [video.videoWidth, video.videoHeight];
+  if (current.processedSize) return current.processedSize;
+  return map ? frameSizeForMap(map, current.geometry) : [320, 240];
+}
+
 function paint(frame, video) {
   const current = clip;
   const map = current.maps[frame];
   const geometry = current.geometry;
   const hasVideo = Boolean(video && video.videoWidth);
-  let [w, h] = hasVideo ? [video.videoWidth, video.videoHeight] : map ? frameSizeForMap(map, geometry) : [320, 240];
+  const thumb = hasVideo ? null : nearestThumbnail(current, frame);
+  const hasThumb = Boolean(thumb && thumb.image.complete && thumb.image.naturalWidth);
+  const [w, h] = frameSize(current, map, hasVideo ? video : null);
   const ctx = frameContext(ui.canvas, w, h);
   ctx.fillStyle = "#111827";
   ctx.fillRect(0, 0, w, h);
-  if (hasVideo) {
+  if (hasVideo || hasThumb) {
     ctx.save();
     ctx.filter = "grayscale(1)"; // what the detector sees: the frame in gray levels
-    ctx.drawImage(video, 0, 0, w, h);
+    ctx.imageSmoothingQuality = "high";
+    ctx.drawImage(hasVideo ? video : thumb.image, 0, 0, w, h); // a thumbnail is stretched to the maps' frame
     ctx.restore();
   }
-  const wantMap = ui.overlay.checked || !hasVideo;
-  const drawn = wantMap && map ? drawHeatmap(ctx, map, w, h, geometry, hasVideo) : false;
-  if (!hasVideo && !map) {
+  const background = hasVideo || hasThumb;
+  const wantMap = ui.overlay.checked || !background;
+  const drawn = wantMap && map ? drawHeatmap(ctx, map, w, h, geometry, background) : false;
+  if (!background && !map) {
     ctx.fillStyle = "#9ca3af";
     ctx.font = "14px system-ui, sans-serif";
     ctx.textAlign = "center";
@@ -503,10 +553,17 @@ function paint(frame, video) {
   }
   ctx.setTransform(1, 0, 0, 1, 0, 0);
   ui.canvas.dataset.frame = String(frame);
-  ui.canvas.dataset.background = hasVideo ? "video" : "none";
+  ui.canvas.dataset.background = hasVideo ? "video" : hasThumb ? "thumbnail" : "none";
+  if (hasThumb) ui.canvas.dataset.thumbnail = String(thumb.index);
+  else delete ui.canvas.dataset.thumbnail;
   ui.canvas.dataset.heatmap = drawn ? "drawn" : "none";
-  if (!map && current.video === false) ui.note.textContent = "No anomaly maps for this clip (the \"anomaly maps\" box was off), and this browser cannot play the video's codec: only the scores are shown.";
+  const thumbText = hasThumb
+    ? `This browser cannot play the video's codec: the frame is the server's thumbnail${thumb.index === frame ? "" : ` of frame ${thumb.index}, the nearest one sent`}.`
+    : "";
+  if (!map && hasThumb) ui.note.textContent = `${thumbText} No anomaly maps for this clip (the "anomaly maps" box was off).`;
+  else if (!map && current.video === false) ui.note.textContent = "No anomaly maps for this clip (the \"anomaly maps\" box was off), and this browser cannot play the video's codec: only the scores are shown.";
   else if (!map) ui.note.textContent = "No anomaly maps for this clip (the \"anomaly maps\" box was off).";
+  else if (hasThumb) ui.note.textContent = `${thumbText} Its anomaly map over it: blue below τ, yellow at τ, red above.`;
   else if (current.video === false) ui.note.textContent = "This browser cannot play the video's codec, so the anomaly map is shown alone (one cell per patch).";
   else if (current.video === null) ui.note.textContent = "Loading the video in the browser…";
   else ui.note.textContent = "The frame in gray levels (what the detector sees) with its anomaly map: blue below τ, yellow at τ, red above.";
