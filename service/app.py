@@ -19,10 +19,11 @@ from model import __version__
 from service.batcher import Batcher
 from service.deps import Services
 from service.errors import install_error_handlers
+from service.events.recorder import EventRecorder
 from service.jobs.service import TrainingService
 from service.metrics import Metrics
 from service.model_store import ModelStore
-from service.routes import clips, frames, health, models, stream, training_jobs
+from service.routes import clips, events, frames, health, models, stream, training_jobs
 from service.settings import Settings, get_settings
 from service.ui import mount_ui
 
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics=metrics,
         store=ModelStore(settings, metrics),
         batcher=Batcher(settings.max_batch_patches, settings.max_queue_delay_s, settings.max_queue, metrics),
+        events=EventRecorder(settings, metrics),
     )
     training = TrainingService(settings, metrics, services.store)  # training jobs: queue + activation policy
 
@@ -76,12 +78,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         services.upload_dir = Path(tempfile.mkdtemp(prefix="vad-uploads-"))
         await services.batcher.start()
         try:
+            await services.events.start()
             await services.store.start()
             await training.start()
             yield
         finally:
             await training.stop()
             await services.store.stop()
+            await services.events.stop()
             await services.batcher.stop()
             shutil.rmtree(services.upload_dir, ignore_errors=True)
 
@@ -94,7 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     app.state.training = training
     install_error_handlers(app, settings.retry_after_s)
-    for module in (health, models, clips, frames, stream, training_jobs):
+    for module in (health, models, clips, frames, stream, training_jobs, events):
         app.include_router(module.router)
     mount_ui(app)  # the web page at / (service/static), no auth
     if settings.cors_origins:

@@ -12,6 +12,7 @@ from starlette.requests import HTTPConnection
 
 from service.batcher import Batcher
 from service.errors import Forbidden, Unauthorized
+from service.events.recorder import EventRecorder
 from service.metrics import Metrics
 from service.model_store import ModelStore, ServingModel
 from service.settings import Settings
@@ -25,6 +26,7 @@ class Services:
     metrics: Metrics
     store: ModelStore
     batcher: Batcher
+    events: EventRecorder  # events from scored frames: store, bus (SSE, webhooks), retention
     upload_dir: Path | None = None  # a private temp folder, created at startup
 
 

@@ -109,6 +109,10 @@ class JobNotFound(ServiceError):
     code = "job_not_found"
 
 
+class EventNotFound(ServiceError):
+    code = "not_found"
+
+
 class JobFinished(ServiceError):
     """Cancelling a training job that has already succeeded, failed or been cancelled."""
 
@@ -159,6 +163,7 @@ HTTP_STATUS: dict[type[ServiceError], int] = {
     Forbidden: 403,
     UnknownVersion: 404,
     JobNotFound: 404,
+    EventNotFound: 404,
     JobFinished: 409,
     CamerasDisabled: 403,
     CameraUrlRefused: 403,
