@@ -17,13 +17,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model import __version__
 from service.batcher import Batcher
+from service.cameras.manager import CameraManager
 from service.deps import Services
 from service.errors import install_error_handlers
 from service.events.recorder import EventRecorder
 from service.jobs.service import TrainingService
 from service.metrics import Metrics
 from service.model_store import ModelStore
-from service.routes import clips, events, frames, health, models, stream, training_jobs
+from service.routes import cameras, clips, events, frames, health, models, stream, training_jobs
 from service.settings import Settings, get_settings
 from service.ui import mount_ui
 
@@ -71,6 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         batcher=Batcher(settings.max_batch_patches, settings.max_queue_delay_s, settings.max_queue, metrics),
         events=EventRecorder(settings, metrics),
     )
+    # VAD_CAMERA_URL_ALLOW is parsed here: a malformed entry stops the server from starting
+    services.cameras = CameraManager(settings, metrics, services.store, services.batcher, services.events)
     training = TrainingService(settings, metrics, services.store)  # training jobs: queue + activation policy
 
     @asynccontextmanager
@@ -81,8 +84,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await services.events.start()
             await services.store.start()
             await training.start()
+            await services.cameras.start()  # the stored cameras, once a model is loaded
             yield
         finally:
+            await services.cameras.stop()  # before the events: a camera's open event closes
             await training.stop()
             await services.store.stop()
             await services.events.stop()
@@ -98,7 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.services = services
     app.state.training = training
     install_error_handlers(app, settings.retry_after_s)
-    for module in (health, models, clips, frames, stream, training_jobs, events):
+    for module in (health, models, clips, frames, stream, training_jobs, events, cameras):
         app.include_router(module.router)
     mount_ui(app)  # the web page at / (service/static), no auth
     if settings.cors_origins:

@@ -11,6 +11,7 @@ from fastapi import Depends, Header, Query
 from starlette.requests import HTTPConnection
 
 from service.batcher import Batcher
+from service.cameras.manager import CameraManager
 from service.errors import Forbidden, Unauthorized
 from service.events.recorder import EventRecorder
 from service.metrics import Metrics
@@ -28,6 +29,7 @@ class Services:
     batcher: Batcher
     events: EventRecorder  # events from scored frames: store, bus (SSE, webhooks), retention
     upload_dir: Path | None = None  # a private temp folder, created at startup
+    cameras: CameraManager | None = None  # the cameras the server watches; set by create_app
 
 
 def get_services(connection: HTTPConnection) -> Services:
