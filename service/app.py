@@ -21,6 +21,7 @@ from service.cameras.manager import CameraManager
 from service.deps import Services
 from service.errors import install_error_handlers
 from service.events.recorder import EventRecorder
+from service.events.webhooks import WebhookOutbox
 from service.jobs.service import TrainingService
 from service.metrics import Metrics
 from service.model_store import ModelStore
@@ -75,12 +76,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # VAD_CAMERA_URL_ALLOW is parsed here: a malformed entry stops the server from starting
     services.cameras = CameraManager(settings, metrics, services.store, services.batcher, services.events)
     training = TrainingService(settings, metrics, services.store)  # training jobs: queue + activation policy
+    webhooks = WebhookOutbox(settings, metrics)  # VAD_WEBHOOK_URLS: opened/closed events, from a persistent outbox
+    webhooks.attach(services.events.bus)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services.upload_dir = Path(tempfile.mkdtemp(prefix="vad-uploads-"))
         await services.batcher.start()
         try:
+            await webhooks.start()  # before the events: their start closes (publishes) what a crash left open
             await services.events.start()
             await services.store.start()
             await training.start()
@@ -91,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await training.stop()
             await services.store.stop()
             await services.events.stop()
+            await webhooks.stop()
             await services.batcher.stop()
             shutil.rmtree(services.upload_dir, ignore_errors=True)
 
