@@ -25,6 +25,13 @@ const PLAIN = {
   internal: "The server hit an internal error.",
   overloaded: "The server is busy right now; try again in a moment.",
   not_ready: "No model is loaded on the server yet.",
+  cameras_disabled: "This server watches no cameras: its VAD_CAMERA_URL_ALLOW list is empty.",
+  camera_url_refused: "The server may not open this camera URL (not in VAD_CAMERA_URL_ALLOW, or a file outside VAD_FOOTAGE_ROOT).",
+  invalid_camera_url: "The camera URL is not valid.",
+  camera_not_found: "There is no camera of that name (any more).",
+  camera_exists: "A camera of that name exists already: choose another name.",
+  too_many_cameras: "The server watches as many cameras as it may (VAD_MAX_CAMERAS): remove one first.",
+  no_frame_yet: "The camera has no scored frame yet.",
   network: "Could not reach the server. Is it still running?",
   bad_response: "The server sent a reply this page does not understand.",
 };

@@ -1,6 +1,9 @@
-// Entry point: tabs, then the three views (clip, live, models & training jobs).
+// Entry point: tabs, then the views (clip, live, cameras, events, models & training jobs). Showing a
+// tab dispatches "tabshown" on document (detail: its name), for views that refresh while visible.
 
+import { initCameras } from "./cameras.js";
 import { initClip } from "./clip.js";
+import { initEvents } from "./events.js";
 import { initLive } from "./live.js";
 import { initModels } from "./models.js";
 
@@ -13,14 +16,18 @@ function initTabs() {
       document.getElementById(tab.getAttribute("aria-controls")).hidden = !on;
     }
     if (location.hash !== `#${name}`) history.replaceState(null, "", `#${name}`);
+    document.dispatchEvent(new CustomEvent("tabshown", { detail: name }));
   };
   for (const tab of tabs) tab.addEventListener("click", () => show(tab.dataset.tab));
   const wanted = location.hash.slice(1);
-  show(tabs.some((t) => t.dataset.tab === wanted) ? wanted : "clip");
+  return () => show(tabs.some((t) => t.dataset.tab === wanted) ? wanted : "clip");
 }
 
-initTabs();
+const showFirstTab = initTabs();
 initModels();
 initClip();
 initLive();
+initCameras();
+initEvents();
+showFirstTab(); // after the views listen for "tabshown"
 document.body.dataset.ready = "true";
