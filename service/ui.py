@@ -1,7 +1,8 @@
 """The web page at ``/``: static HTML/CSS/JS modules from ``service/static`` (no build step, nothing
 fetched from elsewhere at runtime). The page and its files carry a strict Content-Security-Policy: only
-this origin's scripts and styles, API calls and the WebSocket to this origin, images and video from
-local ``blob:`` URLs (the user's own file is decoded in the browser, never uploaded twice)."""
+this origin's scripts and styles, API calls, the WebSocket and the event feed (SSE) to this origin,
+images from this origin (camera and event pictures) and ``data:`` URLs (clip thumbnails), images and
+video from local ``blob:`` URLs (the user's own file is decoded in the browser, never uploaded twice)."""
 
 from __future__ import annotations
 
