@@ -11,6 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from service.settings import DropPolicy
 
 
+# The name events of a clip upload or a WebSocket stream are recorded under (their "camera" field).
+EVENT_SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
+
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable code, e.g. too_large, overloaded.")
     message: str
@@ -69,6 +73,7 @@ class ClipResponse(BaseModel):
     processed_size: ProcessedSize | None = Field(
         None, description="With thumbnails: the frame size the maps' patch grid lies on; stretch a thumbnail to it."
     )
+    events: list[str] | None = Field(None, description="With events=NAME: the ids of the events the clip opened.")
 
 
 class VersionEntry(BaseModel):
@@ -118,3 +123,7 @@ class StreamControl(BaseModel):
     maps: StrictBool | None = None
     drop_policy: DropPolicy | None = None
     fps: StrictFloat | StrictInt | None = Field(None, gt=0, le=1000)
+    events: str | None = Field(
+        None, pattern=EVENT_SOURCE_NAME + "|^$",
+        description="Record this stream's events under this name (like a camera's); an empty string stops.",
+    )

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
         description="Scoring requests admitted at once (clip upload, single frame or WebSocket frame: one each).",
     )
     clip_chunk_frames: int = Field(16, ge=1, le=1024, description="Frames of a clip decoded and scored per job.")
+    shutdown_grace_s: float = Field(
+        30.0, gt=0, description="On SIGTERM, how long open requests may finish; then open streams (SSE, "
+        "WebSocket, NDJSON) are closed so the server stops.",
+    )
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 503 overloaded / not ready.")
 
     # Input limits

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from model.results import stream_reply
 from service.deps import Services
+from service.events.recorder import SourceEvents
 from service.errors import (
     EmptyUpload, InvalidControl, Overloaded, ServiceError, UnsupportedMedia, error_body, log,
 )
@@ -54,9 +56,10 @@ class StreamOptions:
     maps: bool
     drop_policy: str
     fps: float = DEFAULT_FPS
+    events: str | None = None  # the name the stream's events are recorded under; None: not recorded
 
     def as_dict(self) -> dict[str, Any]:
-        return {"maps": self.maps, "drop_policy": self.drop_policy, "fps": self.fps}
+        return {"maps": self.maps, "drop_policy": self.drop_policy, "fps": self.fps, "events": self.events}
 
 
 @dataclass(eq=False)
@@ -94,6 +97,7 @@ class StreamSession:
         )
         self.next_seq = 0
         self.scorer: BatchedStream | None = None
+        self.events: SourceEvents | None = None  # while the stream records events (the "events" option)
 
     async def run(self) -> None:
         await self.ws.accept()
@@ -118,6 +122,7 @@ class StreamSession:
             # asyncio.wait, not gather: a cancellation of this task (server shutdown) must not be
             # turned into the children's cancellation and back (anyio counts cancellations).
             await asyncio.wait(tasks)
+            await self._stop_events()  # the stream ended: an open event closes
         failure = receiver.exception() if receiver.done() and not receiver.cancelled() else None
         if failure is None or isinstance(failure, WebSocketDisconnect):
             return
@@ -194,6 +199,8 @@ class StreamSession:
             self.options.drop_policy = parsed.drop_policy
         if parsed.fps is not None:
             self.options.fps = float(parsed.fps)
+        if parsed.events is not None:
+            self.options.events = parsed.events or None
 
     async def _on_frame(self, data: bytes) -> None:
         seq = self.next_seq
@@ -254,7 +261,24 @@ class StreamSession:
         with self.services.batcher.admit(SOURCE_STREAM):
             # a frame's index is its seq, dropped frames included
             result = await scorer.score_frame(gray, frame.seq, self.options.fps)
+        events = await self._events_for()
+        if events is not None:
+            await events.observe(gray, result, scorer.model, time.time())
         return stream_reply(frame.seq, scorer.model.version, result, frame.include_map)
+
+    async def _events_for(self) -> SourceEvents | None:
+        """The stream's events under its current ``events`` name (a new name closes the old one's)."""
+        name = self.options.events
+        if self.events is not None and self.events.name != name:
+            await self._stop_events()
+        if name is not None and self.events is None:
+            self.events = self.services.events.source("stream", name)
+        return self.events
+
+    async def _stop_events(self) -> None:
+        if self.events is not None:
+            events, self.events = self.events, None
+            await events.finish()
 
     # --- sender ----------------------------------------------------------------------------------
 

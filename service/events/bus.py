@@ -15,6 +15,7 @@ EVENT_KINDS = ("opened", "updated", "closed")
 SUBSCRIBER_QUEUE = 256  # changes a slow SSE client may have waiting; beyond it the oldest are dropped
 
 Listener = Callable[[str, dict[str, Any]], None]
+Change = tuple[str, dict[str, Any]] | None  # None: the bus closed (the server is stopping)
 
 
 class EventBus:
@@ -23,7 +24,8 @@ class EventBus:
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
-        self._queues: set[asyncio.Queue[tuple[str, dict[str, Any]]]] = set()
+        self._queues: set[asyncio.Queue[Change]] = set()
+        self.closed = False
 
     def add_listener(self, listener: Listener) -> None:
         """``listener(kind, event)`` runs inside every publish; it must be quick and must not raise."""
@@ -38,14 +40,28 @@ class EventBus:
             except Exception:  # noqa: BLE001 - one broken listener must not stop the others
                 log.exception("event listener %r failed on %s", listener, kind)
         for queue in self._queues:
-            if queue.full():
-                queue.get_nowait()  # a slow subscriber loses its oldest change, never blocks the rest
-            queue.put_nowait((kind, event))
+            self._put(queue, (kind, event))
+
+    def close(self) -> None:
+        """The server is stopping: every subscriber gets None (its stream ends) and so will new ones.
+        Listeners are kept: events still closing during shutdown reach the webhook outbox."""
+        self.closed = True
+        for queue in self._queues:
+            self._put(queue, None)
+
+    @staticmethod
+    def _put(queue: asyncio.Queue[Change], change: Change) -> None:
+        if queue.full():
+            queue.get_nowait()  # a slow subscriber loses its oldest change, never blocks the rest
+        queue.put_nowait(change)
 
     @asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[asyncio.Queue[tuple[str, dict[str, Any]]]]:
-        """A queue receiving every change published while the context is open."""
-        queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(SUBSCRIBER_QUEUE)
+    async def subscribe(self) -> AsyncIterator[asyncio.Queue[Change]]:
+        """A queue receiving every change published while the context is open, then None once the
+        bus closes."""
+        queue: asyncio.Queue[Change] = asyncio.Queue(SUBSCRIBER_QUEUE)
+        if self.closed:
+            queue.put_nowait(None)
         self._queues.add(queue)
         try:
             yield queue

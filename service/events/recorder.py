@@ -73,6 +73,7 @@ class SourceEvents:
         self._drawn_peak: Observation[PeakPicture] | None = None  # the peak its pictures show
         self._stored_at = 0.0  # time.monotonic() of the last store of the open event
         self._lock = asyncio.Lock()
+        self.opened: list[str] = []  # ids of the events this source opened, in order
 
     async def observe(self, gray: np.ndarray, result: FrameResult, model: ServingModel, captured_at: float) -> None:
         frame = Observation(
@@ -101,6 +102,7 @@ class SourceEvents:
                 peak_frame=run.peak.index, model_version=run.peak.picture.version, frames=run.frames,
             )
             self._drawn_peak = None
+            self.opened.append(self.record.id)
             await self._store(run, last_at=run.end.at)
             self.recorder.metrics.events_opened.labels(self.kind).inc()
             self.recorder._open.add(self)

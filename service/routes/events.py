@@ -165,10 +165,13 @@ async def event_stream(services: ServicesDep) -> StreamingResponse:
             yield f"retry: {SSE_RETRY_MS}\n: subscribed\n\n"
             while True:
                 try:
-                    kind, event = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
+                    change = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
                 except TimeoutError:
                     yield ": heartbeat\n\n"
                     continue
+                if change is None:
+                    return  # the server is stopping: the stream ends (the client reconnects, retry:)
+                kind, event = change
                 yield f"event: {kind}\nid: {event['id']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
 
     # Starlette cancels the generator when the client disconnects (its listener for http.disconnect)

@@ -23,34 +23,12 @@ import pytest
 from service.deps import Services
 from service.events.store import EventRecord, iso_utc
 from service.pipeline import BatchedStream
-from service.settings import Settings
-from tests.support import LiveServer, clear_vad_environment, synthetic_frames
+from tests.support import LiveServer, synthetic_frames
 
 T0 = float(int(time.time()) - 3600)  # capture time of frame 0 (unix seconds): recent, so retention keeps it
 FPS = 10.0
 ANOMALY = (20, 40)  # the planted anomaly's frames [from, until)
 WAIT_S = 60.0
-
-
-@pytest.fixture(autouse=True)
-def _no_vad_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    clear_vad_environment(monkeypatch)
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    return tmp_path / "data"
-
-
-@pytest.fixture
-def make_settings(served_weights: Path, data_dir: Path) -> Callable[..., Settings]:
-    def make(**overrides: object) -> Settings:
-        values: dict[str, object] = {"weights_dir": served_weights, "device": "cpu", "max_queue_delay_ms": 2.0,
-                                     "data_dir": data_dir}
-        values.update(overrides)
-        return Settings(**values)
-
-    return make
 
 
 async def feed(services: Services, name: str, frames: np.ndarray, finish: bool = True) -> None:

@@ -23,15 +23,9 @@ from service.events.bus import EventBus
 from service.events.webhooks import WebhookOutbox, shown_url
 from service.metrics import Metrics
 from service.settings import Settings
-from tests.support import clear_vad_environment
 
 SECRET = "s3cret-webhook-key"
 WAIT_S = 60.0  # generous: the machine may be loaded
-
-
-@pytest.fixture(autouse=True)
-def _no_vad_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    clear_vad_environment(monkeypatch)
 
 
 class Receiver:

@@ -43,7 +43,7 @@ def test_control_options_and_error_replies(client) -> None:
     frame = png_bytes(synthetic_frames(1)[0])
     with client.websocket_connect("/v1/stream") as ws:
         ws.send_text('{"maps": false, "fps": 5}')
-        assert ws.receive_json() == {"options": {"maps": False, "drop_policy": "drop_oldest", "fps": 5.0}}
+        assert ws.receive_json() == {"options": {"maps": False, "drop_policy": "drop_oldest", "fps": 5.0, "events": None}}
         ws.send_bytes(frame)
         first = ws.receive_json()
         assert first["seq"] == 0 and "map" not in first and "error" not in first
