@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from model import registry
+from service.bench.cameras import cameras_section
 from service.bench.footage import CAMERA_FPS, Footage, jpeg_frames, write_clip
 from service.bench.server_process import ServerProcess
 from service.bench.timing import say
@@ -174,6 +175,8 @@ def service_section(weights_dir: Path, version: str, footage: Footage, model_fps
     out: dict[str, Any] = {}
     env = {**os.environ, "VAD_LOG_LEVEL": "warning", "VAD_DEVICE": str(device), **({"VAD_FLOW_PRESET": flow} if flow else {})}
     with served_weights(weights_dir, version) as served, tempfile.TemporaryDirectory(prefix="vad-bench-") as tmp:
+        # cameras play the written clips (file:// under the footage root); events and the queue go to tmp
+        env.update(VAD_CAMERA_URL_ALLOW='["file://"]', VAD_FOOTAGE_ROOT=tmp, VAD_DATA_DIR=str(Path(tmp) / "data"))
         clips = [write_clip(Path(tmp) / f"{name}.avi", gray[: (16 if quick else None)]) for name, gray, _, _ in footage.clips]
         with ServerProcess(env, weights_dir=served) as server:
             runs = [service_clips(server, clips, c) for c in ((1,) if quick else (1, 2))]
@@ -191,6 +194,7 @@ def service_section(weights_dir: Path, version: str, footage: Footage, model_fps
             out["max_realtime_streams"] = best_k
             out["realtime_rule"] = (f"every frame answered with a score, each stream at >= 95% of {CAMERA_FPS:g} "
                                     f"frames/s, p99 <= {REALTIME_P99_MS:g} ms")
+            out.update(cameras_section(server, clips, quick, stream_seconds or (1.0 if quick else 10.0)))
             out["peak_rss_mb"] = server.peak_rss_mb()
             say(f"max real-time streams: {best_k}; server peak RSS {out['peak_rss_mb']} MB")
     return out
