@@ -563,7 +563,7 @@ function paint(frame, video) {
   if (!map && hasThumb) ui.note.textContent = `${thumbText} No anomaly maps for this clip (the "anomaly maps" box was off).`;
   else if (!map && current.video === false) ui.note.textContent = "No anomaly maps for this clip (the \"anomaly maps\" box was off), and this browser cannot play the video's codec: only the scores are shown.";
   else if (!map) ui.note.textContent = "No anomaly maps for this clip (the \"anomaly maps\" box was off).";
-  else if (hasThumb) ui.note.textContent = `${thumbText} Its anomaly map over it: blue below τ, yellow at τ, red above.`;
+  else if (hasThumb) ui.note.textContent = drawn ? `${thumbText} Its anomaly map over it: blue below τ, yellow at τ, red above.` : thumbText;
   else if (current.video === false) ui.note.textContent = "This browser cannot play the video's codec, so the anomaly map is shown alone (one cell per patch).";
   else if (current.video === null) ui.note.textContent = "Loading the video in the browser…";
   else ui.note.textContent = "The frame in gray levels (what the detector sees) with its anomaly map: blue below τ, yellow at τ, red above.";
