@@ -261,9 +261,10 @@ class CameraManager:
     def _record_frame(self, name: str, status: SourceStatus, result: FrameResult, captured_at: float) -> None:
         status.frames_scored += 1
         self.metrics.camera_frames.labels(name).inc()
+        anomalous = self.metrics.camera_anomalous.labels(name)  # exported (as 0) from the first frame on
         if result.anomalous:
             status.frames_anomalous += 1
-            self.metrics.camera_anomalous.labels(name).inc()
+            anomalous.inc()
         self.metrics.camera_lag.labels(name).observe(max(0.0, time.time() - captured_at))
 
     def _forget_metrics(self, name: str) -> None:

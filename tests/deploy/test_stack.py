@@ -40,6 +40,7 @@ class Stack:
     proxy: str  # nginx
     prometheus: str
     processes: Processes
+    camera_clip: Path  # a clip under the servers' VAD_FOOTAGE_ROOT, for a camera
 
     @property
     def proxy_ws(self) -> str:
@@ -66,10 +67,13 @@ def stack(debian_tools: dict[str, str], trained_weights: Path, processes: Proces
     data = root / "volumes" / "data"
     server_ports = [free_port(), free_port()]
     proxy_port, prometheus_port = free_port(), free_port()
+    footage = root / "volumes" / "footage"
+    footage.mkdir(parents=True)
+    write_video(footage / "camera.avi", synthetic_frames(20, seed=13))  # what the dashboard's camera plays
     env = {k: v for k, v in os.environ.items() if not k.startswith("VAD_")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", VAD_DEVICE="cpu", VAD_LOG_LEVEL="warning",
                VAD_WEIGHTS_DIR=str(weights), VAD_DATA_DIR=str(data), VAD_MAX_QUEUE_DELAY_MS="2",
-               VAD_JOB_POLL_INTERVAL_S="1")
+               VAD_JOB_POLL_INTERVAL_S="1", VAD_FOOTAGE_ROOT=str(footage), VAD_CAMERA_URL_ALLOW='["file://"]')
     for index, port in enumerate(server_ports):
         processes.start(f"server{index + 1}", [*vad_command(), "serve", "--host", "127.0.0.1", "--port", str(port)],
                         env=env, cwd=root)
@@ -91,7 +95,7 @@ def stack(debian_tools: dict[str, str], trained_weights: Path, processes: Proces
     ], cwd=prometheus_dir)
 
     stack = Stack([f"http://127.0.0.1:{p}" for p in server_ports], f"http://127.0.0.1:{proxy_port}",
-                  f"http://{prometheus_listen}", processes)
+                  f"http://{prometheus_listen}", processes, footage / "camera.avi")
 
     def ready() -> bool:
         processes.check_running()
@@ -194,6 +198,9 @@ def test_every_dashboard_query_returns_data(stack: Stack, traffic: dict[str, Any
         for frame in synthetic_frames(3, seed=9):
             ws.send(png(frame))
             assert "score" in json.loads(ws.recv(timeout=60))
+        # a camera on the first server, for the cameras row (removed at the end)
+        camera = {"name": "dashboard", "url": stack.camera_clip.as_uri(), "fps": 5}
+        assert httpx.post(f"{stack.servers[0]}/v1/cameras", json=camera, timeout=60).status_code == 201
         with httpx.Client(base_url=stack.proxy, timeout=60) as http:  # fresh samples for the rate windows
             for frame in synthetic_frames(4, seed=11):
                 assert http.post("/v1/frames", files={"file": ("f.png", png(frame))}).status_code == 200
@@ -239,6 +246,8 @@ def test_every_dashboard_query_returns_data(stack: Stack, traffic: dict[str, Any
     assert {s["metric"]["state"] for s in by_title["Training jobs by state"]} >= {"queued", "running", "succeeded"}
     routes = {s["metric"]["route"] for s in results["Latency p50 / p95 / p99 by route [p99 {{route}}]"]}
     assert {"/v1/frames", "/v1/clips"} <= routes
+    assert {s["metric"]["state"] for s in by_title["Cameras by state"] if float(s["value"][1]) > 0} == {"live"}
+    assert httpx.delete(f"{stack.servers[0]}/v1/cameras/dashboard", timeout=60).status_code == 204
 
     # A refused image (415) shows in the 4xx share of its route. A counter series' first sample carries
     # no increase for rate(), so junk keeps coming until both replicas' 415 series have moved.

@@ -230,7 +230,7 @@ def test_websocket_protocol_any_message_sequence(fuzz_client, messages: list[str
             if "error" in reply:
                 assert reply["error"]["code"] == "invalid_control" and reply["error"]["message"]
             else:
-                assert set(reply["options"]) == {"maps", "drop_policy", "fps"}
+                assert set(reply["options"]) == {"maps", "drop_policy", "fps", "events"}
         elif kind == "empty frame":
             assert set(reply) == {"seq", "error"} and reply["seq"] == seq, reply
             assert reply["error"]["code"] == "empty_upload", reply

@@ -28,7 +28,7 @@ MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 # POST routes that compute an answer from the request body and change nothing: open by design (the
 # web page and cameras score without the key). Every other mutating route must require the key.
 SCORING_ROUTES = {("POST", "/v1/clips"), ("POST", "/v1/frames")}
-PATH_VALUES = {"version": "v0002", "job_id": "0" * 32}
+PATH_VALUES = {"version": "v0002", "job_id": "0" * 32, "name": "dock"}
 
 
 # --- no pickle ---------------------------------------------------------------------------------------
@@ -107,7 +107,8 @@ def test_every_state_changing_route_requires_the_api_key(make_client, tmp_path: 
     routes = mutating_routes(client.app)
     # The enumeration sees the routes it must (so it cannot pass by finding none).
     assert {("POST", "/v1/models/{version}/activate"), ("POST", "/v1/training-jobs"),
-            ("DELETE", "/v1/training-jobs/{job_id}")} | SCORING_ROUTES <= set(routes), routes
+            ("DELETE", "/v1/training-jobs/{job_id}"), ("POST", "/v1/cameras"), ("PATCH", "/v1/cameras/{name}"),
+            ("DELETE", "/v1/cameras/{name}")} | SCORING_ROUTES <= set(routes), routes
     checked = []
     for method, template in routes:
         path = template.format(**PATH_VALUES)
