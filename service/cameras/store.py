@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.database import open_database
 from service.jobs.layout import database_path
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -63,13 +64,9 @@ class CameraStore:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        if not self._ready:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-        connection.row_factory = sqlite3.Row
+        connection = open_database(self.path, self.busy_timeout_s)
         try:
             if not self._ready:
-                connection.execute("PRAGMA journal_mode = WAL")
                 connection.execute(SCHEMA)
                 self._ready = True
             yield connection

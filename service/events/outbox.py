@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service.database import open_database
 from service.jobs.store import finite_json
 
 SCHEMA = """
@@ -53,13 +54,9 @@ class OutboxStore:
     @contextmanager
     def _connection(self, write: bool = True) -> Iterator[sqlite3.Connection]:
         """A connection, inside BEGIN IMMEDIATE when ``write``; the table is created on first use."""
-        if not self._initialised:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-        connection.row_factory = sqlite3.Row
+        connection = open_database(self.path, self.busy_timeout_s)
         try:
             if not self._initialised:
-                connection.execute("PRAGMA journal_mode = WAL")
                 connection.executescript(SCHEMA)
                 self._initialised = True
             if not write:

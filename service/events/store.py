@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from service.database import open_database
 from service.jobs.layout import database_path
 
 EVENT_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -112,19 +113,14 @@ class EventStore:
     # -- plumbing ---------------------------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-        connection.row_factory = sqlite3.Row
-        connection.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-        return connection
+        return open_database(self.path, self.busy_timeout_s)
 
     def initialise(self) -> None:
         """Create the folder, the database file and the table if missing (idempotent)."""
         if self._initialised:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = self._open()
         try:
-            connection.execute("PRAGMA journal_mode = WAL")
             connection.execute("BEGIN IMMEDIATE")
             for statement in SCHEMA.strip().split(";"):
                 if statement.strip():

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from service.database import open_database
 from service.jobs.layout import database_path
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -210,18 +211,13 @@ class SqliteJobStore:
         return self.path.is_file()
 
     def _open(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-        connection.row_factory = sqlite3.Row
-        connection.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-        return connection
+        return open_database(self.path, self.busy_timeout_s)
 
     def _initialise(self) -> None:
         if self._initialised:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = self._open()
         try:
-            connection.execute("PRAGMA journal_mode = WAL")
             connection.execute("BEGIN IMMEDIATE")
             for statement in SCHEMA.strip().split(";"):
                 if statement.strip():

@@ -1,0 +1,48 @@
+"""The embedded database's one way in: every store (jobs, cameras, events, webhook outbox) opening the
+same fresh file at once, as a starting server does, gets a working WAL connection."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import closing
+from pathlib import Path
+
+from service.cameras.store import CameraStore
+from service.database import open_database
+from service.events.outbox import OutboxStore
+from service.jobs.layout import database_path
+from service.jobs.store import SqliteJobStore
+
+
+def test_stores_opening_a_fresh_file_at_once_all_get_in(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    path = database_path(data)
+    start = threading.Barrier(8)
+    failures: list[BaseException] = []
+
+    def open_and_write(index: int) -> None:
+        try:
+            start.wait()
+            with closing(open_database(path, 30.0)) as connection:
+                connection.execute(f"CREATE TABLE IF NOT EXISTS t{index} (x INTEGER)")
+                connection.execute(f"INSERT INTO t{index} VALUES ({index})")
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            failures.append(exc)
+
+    threads = [threading.Thread(target=open_and_write, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == []
+    with sqlite3.connect(path) as check:
+        assert check.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert sum(check.execute(f"SELECT x FROM t{i}").fetchone()[0] for i in range(8)) == sum(range(8))
+    # the stores' own tables go into the same file beside them
+    assert CameraStore.in_data_dir(data).list() == []
+    assert SqliteJobStore.in_data_dir(data).list() == []
+    assert OutboxStore(path).count() == 0
+    with sqlite3.connect(path) as check:
+        tables = {row[0] for row in check.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"cameras", "training_jobs", "webhook_outbox", "t0"} <= tables
