@@ -12,6 +12,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _wal_ready: set[Path] = set()
@@ -47,3 +49,31 @@ def _ensure_wal(connection: sqlite3.Connection, path: Path, busy_timeout_s: floa
                     raise
                 time.sleep(RETRY_S)  # another connection (or process) holds the file a moment
         _wal_ready.add(path)
+
+
+@contextmanager
+def connected(path: Path, busy_timeout_s: float, write: bool = False) -> Iterator[sqlite3.Connection]:
+    """A connection, closed afterwards. ``write``: inside BEGIN IMMEDIATE (the write lock is taken
+    before anything is read), committed at the end or rolled back on an exception."""
+    connection = open_database(path, busy_timeout_s)
+    try:
+        if not write:
+            yield connection
+            return
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield connection
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+    finally:
+        connection.close()
+
+
+def create_tables(path: Path, busy_timeout_s: float, schema: str) -> None:
+    """Run ``schema`` (statements separated by ';', each idempotent) in one write transaction."""
+    with connected(path, busy_timeout_s, write=True) as connection:
+        for statement in schema.split(";"):
+            if statement.strip():
+                connection.execute(statement)

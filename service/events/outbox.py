@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.database import open_database
+from service.database import connected, create_tables
 from service.jobs.store import finite_json
 
 SCHEMA = """
@@ -54,23 +54,11 @@ class OutboxStore:
     @contextmanager
     def _connection(self, write: bool = True) -> Iterator[sqlite3.Connection]:
         """A connection, inside BEGIN IMMEDIATE when ``write``; the table is created on first use."""
-        connection = open_database(self.path, self.busy_timeout_s)
-        try:
-            if not self._initialised:
-                connection.executescript(SCHEMA)
-                self._initialised = True
-            if not write:
-                yield connection
-                return
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield connection
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-            connection.execute("COMMIT")
-        finally:
-            connection.close()
+        if not self._initialised:
+            create_tables(self.path, self.busy_timeout_s, SCHEMA)
+            self._initialised = True
+        with connected(self.path, self.busy_timeout_s, write) as connection:
+            yield connection
 
     def add(
         self, kind: str, event: dict[str, Any], urls: list[str], now: float, max_waiting: int,

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.database import open_database
+from service.database import connected, create_tables
 from service.jobs.layout import database_path
 
 EVENT_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -112,23 +112,11 @@ class EventStore:
 
     # -- plumbing ---------------------------------------------------------------------------------
 
-    def _open(self) -> sqlite3.Connection:
-        return open_database(self.path, self.busy_timeout_s)
-
     def initialise(self) -> None:
         """Create the folder, the database file and the table if missing (idempotent)."""
-        if self._initialised:
-            return
-        connection = self._open()
-        try:
-            connection.execute("BEGIN IMMEDIATE")
-            for statement in SCHEMA.strip().split(";"):
-                if statement.strip():
-                    connection.execute(statement)
-            connection.execute("COMMIT")
-        finally:
-            connection.close()
-        self._initialised = True
+        if not self._initialised:
+            create_tables(self.path, self.busy_timeout_s, SCHEMA)
+            self._initialised = True
 
     def exists(self) -> bool:
         return self._initialised or self.path.is_file()
@@ -137,20 +125,8 @@ class EventStore:
     def _connection(self, write: bool = False) -> Iterator[sqlite3.Connection]:
         """Reads only call this once ``exists()``: nothing is created before the first event."""
         self.initialise()
-        connection = self._open()
-        try:
-            if not write:
-                yield connection
-                return
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield connection
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-            connection.execute("COMMIT")
-        finally:
-            connection.close()
+        with connected(self.path, self.busy_timeout_s, write) as connection:
+            yield connection
 
     @staticmethod
     def _record(row: sqlite3.Row) -> EventRecord:

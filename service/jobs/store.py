@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from service.database import open_database
+from service.database import connected, create_tables
 from service.jobs.layout import database_path
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -210,23 +210,10 @@ class SqliteJobStore:
     def exists(self) -> bool:
         return self.path.is_file()
 
-    def _open(self) -> sqlite3.Connection:
-        return open_database(self.path, self.busy_timeout_s)
-
     def _initialise(self) -> None:
-        if self._initialised:
-            return
-        connection = self._open()
-        try:
-            connection.execute("BEGIN IMMEDIATE")
-            for statement in SCHEMA.strip().split(";"):
-                if statement.strip():
-                    connection.execute(statement)
-            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            connection.execute("COMMIT")
-        finally:
-            connection.close()
-        self._initialised = True
+        if not self._initialised:
+            create_tables(self.path, self.busy_timeout_s, f"{SCHEMA};\nPRAGMA user_version = {SCHEMA_VERSION}")
+            self._initialised = True
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection | None]:
@@ -235,27 +222,15 @@ class SqliteJobStore:
             yield None
             return
         self._initialise()
-        connection = self._open()
-        try:
+        with connected(self.path, self.busy_timeout_s) as connection:
             yield connection
-        finally:
-            connection.close()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A connection inside BEGIN IMMEDIATE (the write lock is taken before anything is read)."""
         self._initialise()
-        connection = self._open()
-        try:
-            connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield connection
-            except BaseException:
-                connection.execute("ROLLBACK")
-                raise
-            connection.execute("COMMIT")
-        finally:
-            connection.close()
+        with connected(self.path, self.busy_timeout_s, write=True) as connection:
+            yield connection
 
     @staticmethod
     def _fetch(connection: sqlite3.Connection, job_id: str) -> Job | None:
