@@ -83,13 +83,25 @@ def latest_version(weights_dir: str | Path) -> str | None:
     return versions[-1] if versions else None
 
 
+def read_active_file(weights_dir: str | Path) -> tuple[str, int] | None:
+    """What ``weights_dir/ACTIVE`` says right now: (the name written in it, the file's mtime in ns),
+    or None when there is no ACTIVE file or it holds no version name. The mtime tells a rewrite of
+    the same name (a new activation of it) from an unchanged file."""
+    pointer = Path(weights_dir) / ACTIVE_FILE
+    try:
+        with pointer.open() as handle:
+            name = handle.read().strip()
+            mtime_ns = os.fstat(handle.fileno()).st_mtime_ns
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    return (name, mtime_ns) if VERSION_PATTERN.match(name) else None
+
+
 def active_version(weights_dir: str | Path) -> str | None:
     """The version named in ``weights_dir/ACTIVE`` (set by activation), else the newest one."""
-    pointer = Path(weights_dir) / ACTIVE_FILE
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        if VERSION_PATTERN.match(name) and (Path(weights_dir) / name).is_dir():
-            return name
+    named = read_active_file(weights_dir)
+    if named is not None and (Path(weights_dir) / named[0]).is_dir():
+        return named[0]
     return latest_version(weights_dir)
 
 

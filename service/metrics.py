@@ -57,6 +57,11 @@ class Metrics:
             "vad_active_model_info", "1 for the model version being served (label: version).",
             ["version", "device"], registry=r,
         )
+        self.active_converged = Gauge(
+            "vad_active_version_converged",
+            "1 when this replica serves the version the registry's ACTIVE names (or there is no ACTIVE), 0 when not.",
+            registry=r,
+        )
         self.model_reloads = Counter("vad_model_reloads", "Successful model activations.", registry=r)
         self.failed_reloads = Counter(
             "vad_model_reload_failures", "Model activations refused (verification, load or smoke test).",

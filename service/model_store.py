@@ -7,6 +7,12 @@ under a request in flight; the old model is freed when its last request lets go 
 Activation loads and verifies the version (registry checksum and tensor shapes), scores one
 synthetic frame as a smoke test, and only then swaps the reference and records the version in the
 registry's ACTIVE file. A version that fails leaves the old one serving and counts as a failed reload.
+
+Replicas agree through ACTIVE, the one source of truth: every replica reads it every
+``VAD_ACTIVE_POLL_S`` and, when it names another version than the one served, switches through the same
+activation (without rewriting ACTIVE). A version that fails there leaves the replica on its current
+version, reported as not converged (``status()``, the ``vad_active_version_converged`` gauge, a log
+line); it is tried again only when ACTIVE is rewritten (a new activation, even of the same version).
 """
 
 from __future__ import annotations
@@ -145,6 +151,13 @@ class ModelStore:
         self._lock: asyncio.Lock | None = None  # created in start(), on the serving loop
         self._refused: set[str] = set()  # versions follow-latest will not retry
         self._follower: asyncio.Task[None] | None = None
+        self.active_poll_s = settings.active_poll_s
+        self._poller: asyncio.Task[None] | None = None
+        # Convergence on ACTIVE: what it named at the last read, and the ACTIVE file (name, mtime)
+        # whose version failed here with why (not retried until ACTIVE is rewritten).
+        self._wanted: str | None = None
+        self._failed_file: tuple[str, int] | None = None
+        self._last_error: str | None = None
 
     @property
     def current(self) -> ServingModel | None:
@@ -158,31 +171,81 @@ class ModelStore:
 
     async def start(self) -> None:
         self._lock = asyncio.Lock()
-        version = await asyncio.to_thread(registry.active_version, self.weights_dir)
-        if version is None:
-            log.warning("no published version in %s: not ready until one is activated", self.weights_dir)
-        else:
-            try:
-                await self.activate(version, persist=False)
-            except ServiceError as exc:
-                log.error("could not load the active version %s: %s", version, exc.message)
+        await self.converge()  # loads the version ACTIVE names (a failure is reported, not retried)
+        if self._current is None:
+            version = await asyncio.to_thread(registry.active_version, self.weights_dir)
+            if version is None:
+                log.warning("no published version in %s: not ready until one is activated", self.weights_dir)
+            elif version != self._wanted:  # no ACTIVE file, or it names a missing folder: the newest version
+                try:
+                    await self.activate(version, persist=False)
+                except ServiceError as exc:
+                    log.error("could not load the active version %s: %s", version, exc.message)
+                self._report_convergence()
+        if self.active_poll_s > 0:
+            self._poller = asyncio.create_task(self._poll_active(), name="vad-active-poll")
         if self.follow_latest:
             self._follower = asyncio.create_task(self._follow(), name="vad-follow-latest")
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._follower)
-        self._follower = None
+        for task in (self._poller, self._follower):
+            await cancel_and_wait(task)
+        self._poller = self._follower = None
+
+    def status(self) -> dict[str, Any]:
+        """Convergence on ACTIVE: ``wanted`` (the version ACTIVE named at the last read; None without
+        an ACTIVE file), ``converged`` (this replica serves it, or there is nothing to follow) and
+        ``last_error`` (why the wanted version failed here; None once served)."""
+        served = self._current.version if self._current else None
+        return {"wanted": self._wanted, "converged": self._wanted is None or served == self._wanted,
+                "last_error": self._last_error}
+
+    async def converge(self) -> None:
+        """Read ACTIVE once and, when it names another version than the one served, switch to it
+        (verified and smoke-tested, ACTIVE not rewritten). A version that fails is reported and not
+        tried again until ACTIVE is rewritten."""
+        if self._lock is None:
+            raise NotReady("the model store is not started")
+        async with self._lock:  # read under the lock: an activation in progress here finishes first
+            named = await asyncio.to_thread(registry.read_active_file, self.weights_dir)
+            self._wanted = named[0] if named else None
+            served = self._current.version if self._current else None
+            if named is None or named[0] == served:
+                self._failed_file = self._last_error = None
+            elif named != self._failed_file:
+                try:
+                    await self._activate_locked(named[0], persist=False)
+                    self._failed_file = self._last_error = None
+                except ServiceError as exc:
+                    self._failed_file, self._last_error = named, exc.message
+                    log.error("ACTIVE names %s but this replica keeps serving %s: %s", named[0], served or "nothing",
+                              exc.message)
+            self._report_convergence()
+
+    def _report_convergence(self) -> None:
+        self.metrics.active_converged.set(1 if self.status()["converged"] else 0)
+
+    async def _poll_active(self) -> None:
+        while True:
+            await asyncio.sleep(self.active_poll_s)
+            try:
+                await self.converge()
+            except Exception:
+                log.exception("reading ACTIVE failed")
 
     async def activate(self, version: str, persist: bool = True) -> tuple[ServingModel, str | None]:
         """Load, verify, smoke-test and swap in ``version``; returns (new model, previous version)."""
         if self._lock is None:
             raise NotReady("the model store is not started")
         async with self._lock:
-            previous = self._current
-            if previous is not None and previous.version == version:
-                if persist:
-                    await asyncio.to_thread(registry.set_active_version, self.weights_dir, version)
-                return previous, previous.version
+            return await self._activate_locked(version, persist)
+
+    async def _activate_locked(self, version: str, persist: bool) -> tuple[ServingModel, str | None]:
+        """activate() with the lock held. ``persist``: rewrite ACTIVE once the version is serving."""
+        previous = self._current
+        if previous is not None and previous.version == version:
+            model = previous
+        else:
             try:
                 model = await asyncio.to_thread(load_serving_model, self.weights_dir, version, self.device, self.scorer_options)
             except ServiceError as exc:
@@ -190,14 +253,18 @@ class ModelStore:
                     self._refused.add(version)
                 self.metrics.failed_reloads.inc()
                 log.warning("activation of %s refused: %s", version, exc.message)
-                raise
-            if persist:
-                await asyncio.to_thread(registry.set_active_version, self.weights_dir, version)
+                raise  # before ACTIVE is written: the other replicas never see a version that failed here
+        if persist:
+            await asyncio.to_thread(registry.set_active_version, self.weights_dir, version)
+            # this replica wrote ACTIVE: it is converged at once, not at its next poll
+            self._wanted, self._failed_file, self._last_error = version, None, None
+        if model is not previous:
             self._current = model
             self.metrics.set_active_model(model.version, model.device)
             self.metrics.model_reloads.inc()
             log.info("serving %s on %s", model.version, model.device)
-            return model, previous.version if previous else None
+        self._report_convergence()
+        return model, previous.version if previous else None
 
     def list_versions(self) -> list[dict[str, Any]]:
         """Every published version with its manifest (or why it cannot be read). Blocking."""

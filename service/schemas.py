@@ -97,6 +97,9 @@ class ActiveModel(BaseModel):
     stride: int
     loaded_at: float
     manifest: dict[str, Any]
+    wanted: str | None = Field(None, description="The version the registry's ACTIVE named at this replica's last read (null: no ACTIVE file).")
+    converged: bool = Field(True, description="This replica serves `wanted` (or there is no ACTIVE to follow).")
+    last_error: str | None = Field(None, description="Why `wanted` failed on this replica (verification, load or smoke test); null once served.")
 
 
 class Activation(BaseModel):

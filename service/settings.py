@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps.")
     follow_latest: bool = Field(False, description="Poll the registry and activate the newest published version.")
     follow_interval_s: float = Field(10.0, gt=0, description="Seconds between polls when follow_latest is on.")
+    active_poll_s: float = Field(
+        5.0, ge=0,
+        description="Seconds between reads of the registry's ACTIVE file; a replica serving another version switches to the one it names (0 = only at start).",
+    )
 
     # Inference speed (docs/speed.md)
     skip_unchanged: bool = Field(

@@ -20,11 +20,11 @@ async def list_models(services: ServicesDep) -> VersionList:
 
 
 @router.get(
-    "/active", response_model=ActiveModel, summary="The version being served",
+    "/active", response_model=ActiveModel, summary="The version this replica serves, and whether it is the one ACTIVE names",
     responses={503: {"model": ErrorResponse}},
 )
-async def active_model(model: ReadyModel) -> ActiveModel:
-    return ActiveModel(**model.describe())
+async def active_model(model: ReadyModel, services: ServicesDep) -> ActiveModel:
+    return ActiveModel(**model.describe(), **services.store.status())
 
 
 @router.post(

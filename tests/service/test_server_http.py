@@ -382,3 +382,48 @@ def test_follow_latest_activates_the_newest_version_and_skips_a_broken_one(make_
     assert polls[-5:] == ["v0003"] * 5
     assert counters() == (1.0, 2.0)
     assert client.get("/v1/models/active").json()["version"] == "v0002"
+
+
+def test_a_replica_follows_active_and_retries_a_refused_version_only_when_active_is_rewritten(
+        make_client, weights_dir: Path) -> None:
+    """ACTIVE written by another replica: followed at the next read; a version that fails here is
+    reported (converged false, last_error, gauge 0), not retried while ACTIVE is unchanged, and tried
+    again once ACTIVE is rewritten, even with the same name."""
+    import shutil
+    import time
+
+    client = make_client(active_poll_s=0.05)
+
+    def wait_for(check) -> None:
+        deadline = time.monotonic() + 30
+        while not check():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    def failures_and_gauge() -> tuple[float | None, float | None]:
+        families = metric_families(client.get("/metrics").text)
+        return (sample_value(families, "vad_model_reload_failures", "vad_model_reload_failures_total"),
+                sample_value(families, "vad_active_version_converged", "vad_active_version_converged"))
+
+    registry.set_active_version(weights_dir, "v0002")  # as another replica's activation would
+    wait_for(lambda: client.get("/v1/models/active").json()["version"] == "v0002")
+    assert failures_and_gauge() == (0.0, 1.0)
+    shutil.copytree(weights_dir / "v0001", weights_dir / "v0003")
+    good = (weights_dir / "v0003" / "model.safetensors").read_bytes()
+    (weights_dir / "v0003" / "model.safetensors").write_bytes(b"damaged")
+    registry.set_active_version(weights_dir, "v0003")
+    wait_for(lambda: client.get("/v1/models/active").json()["wanted"] == "v0003")
+    status = client.get("/v1/models/active").json()
+    assert (status["version"], status["converged"]) == ("v0002", False)
+    assert "v0003" in status["last_error"] and "sha256" in status["last_error"]
+    assert failures_and_gauge() == (1.0, 0.0)
+    (weights_dir / "v0003" / "model.safetensors").write_bytes(good)  # repaired, ACTIVE unchanged
+    time.sleep(0.5)  # ten reads of the same ACTIVE: no retry
+    assert failures_and_gauge() == (1.0, 0.0)
+    assert client.get("/v1/models/active").json()["version"] == "v0002"
+    time.sleep(0.01)  # a later mtime for the rewrite
+    registry.set_active_version(weights_dir, "v0003")
+    wait_for(lambda: client.get("/v1/models/active").json()["version"] == "v0003")
+    status = client.get("/v1/models/active").json()
+    assert (status["wanted"], status["converged"], status["last_error"]) == ("v0003", True, None)
+    assert failures_and_gauge() == (1.0, 1.0)
