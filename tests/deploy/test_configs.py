@@ -271,6 +271,14 @@ def test_dockerfile_commands_exist_in_the_project(variant: str) -> None:
         cuda = re.search(r"nvidia/cuda:(\d+)\.(\d+)", stages["runtime"].base)
         assert dockerfile.args["TORCH_INDEX_URL"].endswith(f"cu{cuda.group(1)}{cuda.group(2)}")
     assert "--index-url" in " ".join(args for kw, args in stages["build"].instructions if kw == "RUN")
+    # The base is a build argument (the official image by default); the wheelhouse option is off by
+    # default and stays in the build stage (tests/deploy/test_image.py builds with both).
+    base_arg = "PYTHON_IMAGE" if variant == "cpu" else "CUDA_IMAGE"
+    assert stages["build"].base == stages["runtime"].base == dockerfile.args[base_arg]
+    assert dockerfile.args["WHEELS"] == ""
+    assert "--no-index --find-links" in " ".join(args for kw, args in stages["build"].instructions if kw == "RUN")
+    assert not any("wheels" in args for stage in stages.values() if stage.name != "build"
+                   for kw, args in stage.instructions)
 
     for name in ("server", "worker"):
         stage = stages[name]
