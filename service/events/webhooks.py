@@ -30,7 +30,6 @@ import json
 import logging
 import sqlite3
 import time
-from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,6 +38,7 @@ import httpx
 from service.background import cancel_and_wait
 from service.events.bus import EventBus
 from service.events.outbox import Delivery, OutboxStore
+from service.events.store import iso_utc
 from service.jobs.layout import database_path
 from service.metrics import Metrics
 from service.settings import Settings
@@ -180,7 +180,7 @@ class WebhookOutbox:
     async def _post(self, delivery: Delivery) -> str | None:
         """One attempt; None when the receiver answered 2xx, else what went wrong."""
         assert self._client is not None
-        sent_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        sent_at = iso_utc(time.time())
         body = json.dumps(
             {"type": delivery.kind, "event": delivery.event, "delivery": delivery.id, "sent_at": sent_at},
             separators=(",", ":"),

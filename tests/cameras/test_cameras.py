@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,20 +18,14 @@ from service.app import create_app
 from tests.cameras.conftest import FPS
 from tests.cameras.mjpeg import MjpegCamera
 from tests.cameras.rtsp_relay import RtspCamera
+from tests.jobs.helpers import wait_for
 from tests.support import synthetic_frames
 
 SECRET = "hunter2"  # the password in camera URLs, never to be seen again
 
 
 def wait_until(check: Callable[[], Any], what: str, timeout_s: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+    return wait_for(check, timeout_s, what=what)
 
 
 def camera(client: TestClient, name: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from service.bench.server_process import free_port
 from service.events.bus import EventBus
 from service.events.webhooks import WebhookOutbox, shown_url
 from service.metrics import Metrics
@@ -90,13 +91,6 @@ def receivers() -> Iterator[Callable[..., Receiver]]:
     yield start
     for receiver in started:
         receiver.close()
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (connections to it are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def event(number: int) -> dict[str, Any]:
