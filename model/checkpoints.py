@@ -1,11 +1,11 @@
 """Training checkpoints: what `--resume` and a retried training job continue from.
 
-A checkpoint folder holds two safetensors files, each replaced atomically (temp file + rename):
-- ``checkpoint.safetensors``: the networks being trained, the optimisers' moments and, in its
-  metadata, the loop state as JSON (epoch, step, history, the stopping rule's figures);
-- ``best.safetensors``: the parameters the stopping rule keeps (best R, best D, and R_old, R after
-  an early epoch, for phase two).
-Raw tensors only, so nothing is ever unpickled.
+One safetensors file, ``checkpoint.safetensors``, replaced atomically (temp file + rename) after
+every epoch: the networks being trained, the optimisers' moments, the parameters the stopping rule
+keeps (best R, best D, and R_old, R after an early epoch, for phase two) and, in its metadata, the
+loop state as JSON (epoch, step, history, the stopping rule's figures). One file, so a crash at any
+moment leaves either the previous epoch's state or this one's, never half of each. Raw tensors
+only, so nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
-BEST_FILE = "best.safetensors"
+KEPT = "kept."  # prefix of the parameters the stopping rule keeps, in the same file
+LEGACY_BEST_FILE = "best.safetensors"  # where checkpoints up to this change kept them
 
 log = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
@@ -64,11 +65,12 @@ def save_checkpoint(
         for index, state in optimizer.state_dict()["state"].items():
             for key, value in state.items():
                 tensors[f"opt.{name}/{index}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    kept = {"refiner/": best.refiner, "detector/": best.detector, "refiner_old/": best.refiner_old or {}}
+    for prefix, state in kept.items():
+        # copies: a kept parameter may be the very tensor the network holds (safetensors refuses shared memory)
+        tensors.update({k: v.clone() for k, v in _cpu(state, KEPT + prefix).items()})
+    # one file, replaced at once: a crash never leaves a loop state without the parameters it kept
     _atomic_save(tensors, folder / CHECKPOINT_FILE, {"meta": json.dumps(meta)})
-    kept = {**_cpu(best.refiner, "refiner/"), **_cpu(best.detector, "detector/")}
-    if best.refiner_old is not None:
-        kept.update(_cpu(best.refiner_old, "refiner_old/"))
-    _atomic_save(kept, folder / BEST_FILE)
 
 
 def read_checkpoint_meta(folder: Path) -> dict[str, Any] | None:
@@ -106,7 +108,9 @@ def load_checkpoint(
             state.setdefault(int(index), {})[field_name] = value
         state_dict["state"] = state
         optimizer.load_state_dict(state_dict)
-    kept = load_file(str(folder / BEST_FILE))
+    kept = _strip(tensors, KEPT)
+    if not kept and (folder / LEGACY_BEST_FILE).is_file():  # a checkpoint written before they shared a file
+        kept = load_file(str(folder / LEGACY_BEST_FILE))
     best = BestParameters(_strip(kept, "refiner/"), _strip(kept, "detector/"), _strip(kept, "refiner_old/") or None)
     return meta, best
 

@@ -100,6 +100,8 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "c", {"refiner": refiner, "detector": detector}, {"refiner": optimizer},
                     {"epoch": 2, "step": 7, "history": []}, best)
     assert read_checkpoint_meta(tmp_path / "c") == {"epoch": 2, "step": 7, "history": []}
+    # one file: a kill between two writes cannot leave a loop state without its kept parameters
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["checkpoint.safetensors"]
     fresh_r, fresh_d = _networks(config)
     fresh_optimizer = torch.optim.Adam(fresh_r.parameters())
     meta, kept = load_checkpoint(tmp_path / "c", {"refiner": fresh_r, "detector": fresh_d}, {"refiner": fresh_optimizer})
@@ -111,6 +113,20 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     remove_checkpoints(tmp_path / "c")
     assert not (tmp_path / "c").exists() and read_checkpoint_meta(tmp_path / "c") is None
     assert load_checkpoint(tmp_path / "c", {}, {}) is None
+
+
+def test_a_checkpoint_with_its_kept_parameters_in_a_second_file_still_resumes(tmp_path: Path) -> None:
+    """Checkpoints written before the kept parameters moved into checkpoint.safetensors (a job
+    interrupted across an upgrade) kept them in best.safetensors."""
+    import safetensors.torch
+
+    config = tiny_model_config()
+    refiner, detector = _networks(config)
+    save_checkpoint(tmp_path, {"refiner": refiner}, {}, {"epoch": 1}, BestParameters({}, {}, None))
+    safetensors.torch.save_file({f"refiner/{k}": v.contiguous() for k, v in refiner.state_dict().items()},
+                                str(tmp_path / "best.safetensors"))
+    _, kept = load_checkpoint(tmp_path, {"refiner": _networks(config)[0]}, {})
+    assert set(kept.refiner) == set(refiner.state_dict())
 
 
 def test_a_damaged_checkpoint_reads_as_none(tmp_path: Path) -> None:
