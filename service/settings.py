@@ -81,6 +81,10 @@ class Settings(BaseSettings):
 
     # Training jobs (POST /v1/training-jobs, `vad worker`); server and workers read the same values
     data_dir: Path = Field(Path("data"), description="Job queue (jobs.sqlite3), uploaded footage and checkpoints.")
+    database_url: SecretStr | None = Field(
+        None, description="postgresql://user:password@host:5432/name: the job queue, cameras, events and webhook outbox "
+        "in PostgreSQL, shared by servers and workers on any host; unset: the embedded SQLite file in VAD_DATA_DIR.",
+    )
     footage_root: Path | None = Field(
         None, description="Folder whose files/folders jobs may name in 'paths'; unset: paths are refused."
     )
@@ -168,6 +172,18 @@ class Settings(BaseSettings):
         if len(set(value)) != len(value):
             raise ValueError("webhook_urls: a URL is listed twice")
         return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None  # VAD_DATABASE_URL= (empty) is the embedded SQLite database
+        scheme = urlsplit(value.get_secret_value().strip()).scheme
+        if scheme not in ("postgresql", "postgres"):
+            shown = f"a {scheme}:// URL" if scheme else "a URL without a scheme"
+            raise ValueError(f"database_url: {shown} is not a PostgreSQL URL (postgresql://user:password@host:5432/name); "
+                             "leave it unset for the embedded SQLite database in data_dir")
+        return SecretStr(value.get_secret_value().strip())
 
     @field_validator("training_model_config")
     @classmethod
