@@ -19,14 +19,22 @@ What it changes (never the trained weights, which stay in the original modules):
 
 from __future__ import annotations
 
+import io
+import logging
 import threading
+import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from model.cpu_features import detect_cpu_features
 from model.networks import Detector, Refiner, padded_size
+from model.precision import CALIBRATION_SEED, TOLERANCE, probe_patches, score_difference, scene_patches
+from model.quantize import quantize_int8
 
 # ConvTranspose2d with at most this many output channels runs as conv3x3 + pixel shuffle (measured
 # faster with oneDNN for R's last layer, 16 -> 2 channels; slower for the wider ones, and slower under
@@ -212,10 +220,17 @@ class FusedNets(nn.Module):
         return torch.stack([-logits[:n], -logits[n:], reconstruction], 1)
 
 
-PRECISIONS = ("float32", "bf16", "fp16")
+# "auto": on the CPU the fastest precision, measured at load, of those that pass the check against
+# float32 (model/precision.py); on CUDA float32 (fp16 and bf16 there are explicit choices).
+PRECISIONS = ("float32", "bf16", "fp16", "int8", "auto")
+CPU_PRECISIONS = ("float32", "bf16", "int8")
+CUDA_PRECISIONS = ("float32", "bf16", "fp16")
+INT8_CALIBRATION_FRAMES = 16  # frames of the synthetic normal scene int8 calibrates on by default (1536 Ped2-sized patches)
 BACKENDS = ("auto", "torch", "onnxruntime")
 # ONNX Runtime must give the torch path's components within this (rtol = atol), checked on every build
 ORT_TOLERANCE = 1e-4
+
+log = logging.getLogger("vad.model")
 
 
 def onnxruntime_available() -> bool:
@@ -227,23 +242,25 @@ def onnxruntime_available() -> bool:
     return True
 
 
+def export_onnx(nets: "FusedNets", channels: int, patch_size: int) -> bytes:
+    """The fused networks as an ONNX model (in memory): input ``x`` (N, C, P, P), output ``raw`` (N, 3)."""
+    buffer = io.BytesIO()
+    example = torch.zeros(8, channels, patch_size, patch_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(nets, (example,), buffer, input_names=["x"], output_names=["raw"],
+                          dynamic_axes={"x": {0: "n"}, "raw": {0: "n"}}, opset_version=17, dynamo=False)
+    return buffer.getvalue()
+
+
 class OrtRunner:
-    """The fused networks exported to ONNX (in memory) and run by ONNX Runtime's CPU provider, whose
-    narrow-channel convolutions are faster than oneDNN's here (docs/speed.md). One session; ``Run`` is
-    thread-safe and releases the GIL, so CpuWorkers can split a batch across threads."""
+    """An ONNX model of the fused networks (float32, or int8 from model/quantize.py) run by ONNX Runtime's
+    CPU provider, whose narrow-channel convolutions are faster than oneDNN's here (docs/speed.md). One
+    session; ``Run`` is thread-safe and releases the GIL, so CpuWorkers can split a batch across threads."""
 
-    def __init__(self, nets: "FusedNets", channels: int, patch_size: int, threads: int) -> None:
-        import io
-        import warnings
-
+    def __init__(self, model: bytes, threads: int) -> None:
         import onnxruntime as ort
 
-        buffer = io.BytesIO()
-        example = torch.zeros(8, channels, patch_size, patch_size)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(nets, (example,), buffer, input_names=["x"], output_names=["raw"],
-                              dynamic_axes={"x": {0: "n"}, "raw": {0: "n"}}, opset_version=17, dynamo=False)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -251,7 +268,7 @@ class OrtRunner:
         # no busy-waiting between runs: the cores are shared with decoding and optical flow
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().contiguous().float()
@@ -362,26 +379,43 @@ def dedicate_cpu_to_workers() -> int:
 class InferenceEngine:
     """Runs ``FusedNets`` on a device: batching into chunks, precision and CUDA graphs on a GPU.
 
-    - CPU: float32 always (no autocast: bf16 without AMX/AVX512-BF16 hardware is slower, and changes
-      scores). Chunks of at most ``batch_size`` patches.
+    - CPU: ``precision`` float32 (default), bf16 (torch autocast: oneDNN on AVX512-BF16 or AMX), int8
+      (ONNX Runtime, statically quantised at load from normal footage, model/quantize.py) or auto (the
+      fastest of those that pass, measured at load). A precision other than float32 is kept only if it
+      scores the probe like float32 (model/precision.py: largest patch-score difference within
+      ``tolerance`` of the score spread), and bf16 only where the CPU has bf16 hardware; otherwise float32,
+      with a warning saying why. float32 runs under ONNX Runtime when installed (``backend`` auto).
+      Batches are split over single-threaded workers (``CpuWorkers``).
     - CUDA: ``precision`` float32 (default), bf16 or fp16 autocast; ``cuda_graphs`` replays captured
       graphs per power-of-two batch bucket (launch overhead of ~25 small kernels per batch gone). Both
       are options, off by default: on an H200 they sped up the networks (fp16 +67%, graphs 2-4x at one
       frame per batch) but not the service, which the CPU's decoding and optical flow bound there;
       float32 keeps the scores the CPU-calibrated thresholds expect (docs/speed.md).
+
+    ``calibration``: the version's (score mode, spread) for the precision check; ``int8_calibration``:
+    normal patches the int8 quantiser calibrates on (default: model/precision.py's synthetic normal
+    scene). ``precision_report`` says what was asked, what runs, and each candidate's check.
     """
 
     def __init__(self, refiner: Refiner, detector: Detector, device: torch.device | str = "cpu",
                  precision: str = "float32", cuda_graphs: bool = False, cpu_workers: int | None = None,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", calibration: Any | None = None,
+                 int8_calibration: torch.Tensor | None = None, tolerance: float | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.device = torch.device(device)
+        self.config = refiner.config
         self.nets = FusedNets(refiner, detector).to(self.device)
         cuda = self.device.type == "cuda"
-        self.precision = precision if cuda else "float32"
+        self.precision = "float32"
+        self.precision_report: dict[str, Any] = {"requested": precision, "precision": "float32"}
+        if cuda:
+            self.precision = precision if precision in CUDA_PRECISIONS else "float32"
+            if precision == "int8":
+                log.warning("precision int8 is CPU only; float32 on %s", self.device)
+            self.precision_report["precision"] = self.precision
         if cuda and self.precision == "float32":
             # float32 means float32: cuDNN's TF32 convolutions (torch's default) moved d_r_x by 0.067
             # of its spread from the CPU, more than fp16 did (0.056; docs/speed.md), against
@@ -392,16 +426,33 @@ class InferenceEngine:
         self.workers = CpuWorkers(workers) if self.device.type == "cpu" and workers > 1 else None
         self.ort: OrtRunner | None = None
         self.backend = "torch"
-        if self.device.type == "cpu" and (backend == "onnxruntime" or (backend == "auto" and onnxruntime_available())):
+        self._runner = self._run
+        if self.device.type != "cpu":
+            return
+        self._onnx_float: bytes | None = None
+        if backend == "onnxruntime" or (backend == "auto" and onnxruntime_available()):
             self.ort = self._checked_ort(refiner, detector, strict=backend == "onnxruntime")
             self.backend = "onnxruntime" if self.ort is not None else "torch"
+            self._runner = self.ort if self.ort is not None else self._run
+        if precision != "float32":
+            self._choose_cpu_precision(precision, refiner, detector, calibration, int8_calibration,
+                                       TOLERANCE if tolerance is None else tolerance)
+
+    def _ort_threads(self) -> int:
+        return 1 if self.workers else torch.get_num_threads()
+
+    def _float_model(self, refiner: Refiner, detector: Detector) -> bytes:
+        """The ONNX export of the plain (NCHW, native transposed convolutions) fused networks, once."""
+        if self._onnx_float is None:
+            plain = FusedNets(refiner, detector, channels_last=False, phase_max_cout=0).cpu()
+            self._onnx_float = export_onnx(plain, self.config.channels, self.config.patch_size)
+        return self._onnx_float
 
     def _checked_ort(self, refiner: Refiner, detector: Detector, strict: bool) -> "OrtRunner | None":
         """An ONNX Runtime copy, kept only if it scores a probe batch like the torch path."""
-        config = refiner.config
+        config = self.config
         try:
-            plain = FusedNets(refiner, detector, channels_last=False, phase_max_cout=0).cpu()
-            runner = OrtRunner(plain, config.channels, config.patch_size, threads=1 if self.workers else torch.get_num_threads())
+            runner = OrtRunner(self._float_model(refiner, detector), threads=self._ort_threads())
             probe = torch.rand(64, config.channels, config.patch_size, config.patch_size,
                                generator=torch.Generator().manual_seed(0)) * 2 - 1
             with torch.inference_mode():
@@ -412,13 +463,90 @@ class InferenceEngine:
         except Exception as exc:
             if strict:
                 raise
-            import logging
-
-            logging.getLogger("vad.model").warning("ONNX Runtime not used (%s: %s); scoring with torch", type(exc).__name__, exc)
+            log.warning("ONNX Runtime not used (%s: %s); scoring with torch", type(exc).__name__, exc)
             return None
 
+    def _bf16_run(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.nets(x).float()
+
+    def _cpu_candidate(self, name: str, refiner: Refiner, detector: Detector,
+                       int8_calibration: torch.Tensor | None) -> tuple[Any, str]:
+        """(runner, backend) of one CPU precision; raises ``_Unsupported`` where it cannot win or run here."""
+        if name == "bf16":
+            features = detect_cpu_features()
+            if not features.bf16_hardware:
+                raise _Unsupported(f"this CPU has no bf16 hardware (AVX512-BF16 or AMX; {features.summary()})")
+            return self._bf16_run, "torch"
+        if not onnxruntime_available():
+            raise _Unsupported("int8 needs onnx and onnxruntime (the [onnx] extra)")
+        normal = int8_calibration if int8_calibration is not None else scene_patches(
+            self.config, INT8_CALIBRATION_FRAMES, CALIBRATION_SEED, fast_objects=False)
+        return OrtRunner(quantize_int8(self._float_model(refiner, detector), normal), self._ort_threads()), "onnxruntime"
+
+    def _fastest(self, runs: dict[str, Any], x: torch.Tensor, rounds: int = 5) -> tuple[str, dict[str, float]]:
+        """The name of the fastest runner over ``x`` as raw_scores runs it (split over the workers): best
+        of ``rounds`` interleaved passes each, after a warm-up pass (new shapes build kernels)."""
+        def one_pass(run: Any) -> float:
+            started = time.perf_counter()
+            with torch.inference_mode():
+                self.workers(run, x) if self.workers else run(x)
+            return time.perf_counter() - started
+
+        for run in runs.values():
+            one_pass(run)
+        best = {name: float("inf") for name in runs}
+        for _ in range(rounds):
+            for name, run in runs.items():
+                best[name] = min(best[name], one_pass(run))
+        return min(best, key=best.get), best  # type: ignore[arg-type]
+
+    def _choose_cpu_precision(self, requested: str, refiner: Refiner, detector: Detector, calibration: Any | None,
+                              int8_calibration: torch.Tensor | None, tolerance: float) -> None:
+        report: dict[str, Any] = {"requested": requested, "precision": "float32", "tolerance": tolerance, "candidates": {}}
+        self.precision_report = report
+        if requested == "fp16":
+            log.warning("precision fp16 is CUDA only: float32 on the CPU (bf16 and int8 are the CPU's options)")
+            return
+        probe = probe_patches(self.config)
+        with torch.inference_mode():
+            reference = self._runner(probe)
+        passed: dict[str, tuple[Any, str]] = {}
+        for name in ("bf16", "int8") if requested == "auto" else (requested,):
+            entry: dict[str, Any] = {}
+            report["candidates"][name] = entry
+            try:
+                run, backend = self._cpu_candidate(name, refiner, detector, int8_calibration)
+                with torch.inference_mode():
+                    difference = score_difference(reference, run(probe), calibration)
+            except _Unsupported as exc:
+                entry.update(passed=False, reason=str(exc))
+                continue
+            except Exception as exc:  # a failed export/quantisation: float32 serves
+                entry.update(passed=False, reason=f"{type(exc).__name__}: {exc}")
+                continue
+            entry.update(max_diff_over_spread=round(difference, 4), passed=difference <= tolerance)
+            if difference > tolerance:
+                entry["reason"] = f"largest score difference {difference:.4f} of the spread > tolerance {tolerance}"
+            else:
+                passed[name] = (run, backend)
+        chosen = next(iter(passed), None)
+        if requested == "auto" and passed:
+            fastest, seconds = self._fastest({"float32": self._runner, **{name: run for name, (run, _) in passed.items()}}, probe)
+            report["probe_ms"] = {name: round(value * 1e3, 2) for name, value in seconds.items()}
+            chosen = None if fastest == "float32" else fastest
+        if chosen is not None:
+            self.precision = report["precision"] = chosen
+            self._runner, self.backend = passed[chosen]
+            log.info("CPU precision %s (%s; %s) passed the check against float32: largest score difference %.4f "
+                     "of the spread (tolerance %s)", chosen, self.backend, requested,
+                     report["candidates"][chosen]["max_diff_over_spread"], tolerance)
+        elif requested != "auto" or not passed:
+            reasons = "; ".join(f"{name}: {entry['reason']}" for name, entry in report["candidates"].items())
+            log.warning("precision %s not used, scoring in float32 (%s)", requested, reasons)
+
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        if self.precision != "float32":
+        if self.precision in _AUTOCAST_DTYPES and self.device.type == "cuda":
             # no weight-cast cache: a captured CUDA graph must not depend on it
             with torch.autocast("cuda", dtype=_AUTOCAST_DTYPES[self.precision], cache_enabled=False):
                 return self.nets(x).float()
@@ -430,14 +558,17 @@ class InferenceEngine:
         out = []
         for start in range(0, patches.shape[0], batch_size):
             x = patches[start : start + batch_size].to(self.device, non_blocking=True)
-            run = self.ort if self.ort is not None else self._run
             if self.graphs is not None:
                 raw = self.graphs(x)
             elif self.workers is not None:
-                raw = self.workers(run, x)
+                raw = self.workers(self._runner, x)
             else:
-                raw = run(x)
+                raw = self._runner(x)
             out.append(raw.float().cpu())
         if not out:
             return torch.empty(0, 3)
         return torch.cat(out)
+
+
+class _Unsupported(Exception):
+    """A CPU precision that cannot run, or cannot win, on this machine."""

@@ -169,7 +169,9 @@ class PatchScorer:
         # from the weights as they are now. ``fused=False`` scores with the modules themselves.
         # On CUDA, ``precision`` (bf16/fp16 autocast) and ``cuda_graphs`` apply to it; on the CPU,
         # ``backend`` auto runs it under ONNX Runtime when that is installed (else torch).
-        self._engine_options = {"precision": precision, "cuda_graphs": cuda_graphs, "backend": backend}
+        # the calibration gives a CPU precision other than float32 its check (largest served-score difference)
+        self._engine_options = {"precision": precision, "cuda_graphs": cuda_graphs, "backend": backend,
+                                "calibration": calibration}
         self.engine = InferenceEngine(self.refiner, self.detector, self.device, **self._engine_options) if fused else None
 
     def refresh(self) -> None:

@@ -43,8 +43,10 @@ class Settings(BaseSettings):
     )
     skip_level: int = Field(SkipUnchanged.level, ge=0, le=255, description="Grey levels a pixel value may differ by and still count as unchanged.")
     skip_share: float = Field(SkipUnchanged.share, ge=0, lt=1, description="Share of a patch's values that may change before it is rescored.")
-    precision: Literal["float32", "bf16", "fp16"] = Field(
-        "float32", description="CUDA only: autocast precision of the networks (CPU always float32).",
+    precision: Literal["float32", "bf16", "fp16", "int8", "auto"] = Field(
+        "float32", description="Precision of the networks. CPU: float32, bf16 (needs AVX512-BF16 or AMX), int8 "
+        "(ONNX Runtime, quantised at load on normal footage) or auto (the fastest that passes); each is checked "
+        "at load against float32 and falls back to it with a warning. CUDA: float32, bf16 or fp16 autocast.",
     )
     cuda_graphs: bool = Field(False, description="CUDA only: replay captured CUDA graphs per batch-size bucket.")
     flow_preset: FlowPreset | None = Field(
