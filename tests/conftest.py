@@ -14,6 +14,7 @@ from tests.support import (
     registry_copy, synthetic_frames, tiny_model_config, tiny_train_config, train_served_registry, write_frames,
     write_video,
 )
+from tests.postgres import PostgresServer, PostgresUnavailable
 
 PED2_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "ped2"
 
@@ -76,3 +77,39 @@ def live_server(make_settings: Callable[..., Any]) -> Iterator[Callable[..., Any
     from tests.support import started_servers
 
     yield from started_servers(make_settings)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the session (tests/postgres.py); where none can be started, the
+    tests that need it skip, saying why."""
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"no PostgreSQL server: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """Run the test on each database: None (VAD_DATABASE_URL unset: the SQLite file in the data
+    folder), then a fresh PostgreSQL database's URL, dropped afterwards."""
+    if request.param == "sqlite":
+        yield None
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    url = server.create_database()
+    yield url
+    server.drop_database(url)
+
+
+@pytest.fixture
+def make_database(database_url: str | None, tmp_path: Path) -> Callable[[], Any]:
+    """A new ``service.database`` Database object per call, all on the test's one database (SQLite:
+    ``tmp_path/data``), as separate processes would each open it."""
+    from service.database import database_for
+    from service.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url)
+    return lambda: database_for(settings)

@@ -28,6 +28,7 @@ from service.batcher import Batcher
 from service.cameras.source import DISABLED, FAILED, STATES, Backoff, CameraSource, SourceStatus
 from service.cameras.store import Camera, CameraExistsError, CameraStore
 from service.cameras.urls import UrlPolicy, redact
+from service.database import database_for
 from service.errors import (
     CameraExists, CameraNotFound, FrameTooSmall, NoCameraFrame, Overloaded, ServiceError, TooManyCameras,
 )
@@ -77,7 +78,7 @@ class CameraManager:
         self.batcher = batcher
         self.events = events
         self.policy = UrlPolicy(settings.camera_url_allow, settings.footage_root)  # ValueError: a bad entry
-        self.store = CameraStore.in_data_dir(settings.data_dir)
+        self.store = CameraStore(database_for(settings))
         self.backoff = Backoff(settings.camera_reconnect_initial_s, settings.camera_reconnect_max_s,
                                settings.camera_open_timeout_s)
         self.watches: dict[str, _Watch] = {}

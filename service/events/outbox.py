@@ -1,38 +1,22 @@
-"""The webhook outbox: deliveries waiting to be POSTed, one row each, in the jobs' SQLite file
-(``VAD_DATA_DIR/jobs.sqlite3``, table ``webhook_outbox``), so they survive a restart.
+"""The webhook outbox: deliveries waiting to be POSTed, one row each, in the table ``webhook_outbox``
+of the project's database (``service/database``: the SQLite file in VAD_DATA_DIR, or PostgreSQL),
+so they survive a restart.
 
 A delivery is one event change (opened or closed) for one URL. ``seq`` orders them: each URL's
 deliveries are sent oldest first, and the bound drops the oldest waiting ones of all URLs. Every call
-opens its own short connection (the file is in WAL mode; the job workers write to it too).
+opens its own short connection (the job workers use the same database).
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import uuid
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from service.database import connected, create_tables
+from service.database.base import Database, not_in
 from service.jobs.store import finite_json
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS webhook_outbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    url TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    event TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_at REAL NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS webhook_outbox_url ON webhook_outbox (url, seq);
-"""
 
 
 @dataclass(frozen=True)
@@ -46,19 +30,10 @@ class Delivery:
 
 
 class OutboxStore:
-    def __init__(self, path: Path, busy_timeout_s: float = 30.0) -> None:
-        self.path = Path(path)
-        self.busy_timeout_s = busy_timeout_s
-        self._initialised = False
+    """Every call a short transaction of its own; the schema is brought up to date at the first."""
 
-    @contextmanager
-    def _connection(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """A connection, inside BEGIN IMMEDIATE when ``write``; the table is created on first use."""
-        if not self._initialised:
-            create_tables(self.path, self.busy_timeout_s, SCHEMA)
-            self._initialised = True
-        with connected(self.path, self.busy_timeout_s, write) as connection:
-            yield connection
+    def __init__(self, database: Database) -> None:
+        self.database = database
 
     def add(
         self, kind: str, event: dict[str, Any], urls: list[str], now: float, max_waiting: int,
@@ -67,28 +42,27 @@ class OutboxStore:
         """One delivery of ``(kind, event)`` per URL, due now; then the oldest waiting deliveries beyond
         ``max_waiting`` are deleted (``in_flight`` ones are being sent, not waiting). Returns how many."""
         body = json.dumps(finite_json(event), separators=(",", ":"), allow_nan=False)
-        with self._connection() as db:
+        waiting_only, flying = not_in("id", list(in_flight))
+        with self.database.write() as db:
             db.executemany(
                 "INSERT INTO webhook_outbox (id, url, kind, event, next_at, created_at) VALUES (?, ?, ?, ?, ?, ?)",
                 [(uuid.uuid4().hex, url, kind, body, now, now) for url in urls],
             )
-            flying = list(in_flight)
-            marks = ",".join("?" * len(flying))
             waiting = db.execute(
-                f"SELECT COUNT(*) FROM webhook_outbox WHERE id NOT IN ({marks})", flying
-            ).fetchone()[0]
+                f"SELECT COUNT(*) AS n FROM webhook_outbox WHERE {waiting_only}", flying
+            ).fetchone()["n"]
             excess = waiting - max_waiting
             if excess <= 0:
                 return 0
             db.execute(
-                f"DELETE FROM webhook_outbox WHERE seq IN (SELECT seq FROM webhook_outbox WHERE id NOT IN ({marks})"
+                f"DELETE FROM webhook_outbox WHERE seq IN (SELECT seq FROM webhook_outbox WHERE {waiting_only}"
                 " ORDER BY seq LIMIT ?)", [*flying, excess],
             )
             return excess
 
     def head(self, url: str) -> Delivery | None:
         """The oldest delivery waiting for ``url``."""
-        with self._connection(write=False) as db:
+        with self.database.read() as db:
             row = db.execute(
                 "SELECT id, url, kind, event, attempts, next_at FROM webhook_outbox WHERE url = ? ORDER BY seq LIMIT 1",
                 (url,),
@@ -99,25 +73,25 @@ class OutboxStore:
 
     def remove(self, delivery_id: str) -> bool:
         """Delete a delivered or abandoned delivery; False when it was already gone."""
-        with self._connection() as db:
+        with self.database.write() as db:
             return db.execute("DELETE FROM webhook_outbox WHERE id = ?", (delivery_id,)).rowcount > 0
 
     def reschedule(self, delivery_id: str, attempts: int, next_at: float) -> None:
-        with self._connection() as db:
+        with self.database.write() as db:
             db.execute("UPDATE webhook_outbox SET attempts = ?, next_at = ? WHERE id = ?", (attempts, next_at, delivery_id))
 
     def remove_other_urls(self, urls: list[str]) -> dict[str, int]:
         """Delete the deliveries to URLs not in ``urls`` (no longer configured); {url: deleted}."""
-        marks = ",".join("?" * len(urls))
-        with self._connection() as db:
+        others, configured = not_in("url", urls)
+        with self.database.write() as db:
             gone = {
-                row[0]: row[1] for row in db.execute(
-                    f"SELECT url, COUNT(*) FROM webhook_outbox WHERE url NOT IN ({marks}) GROUP BY url", urls
+                row["url"]: row["n"] for row in db.execute(
+                    f"SELECT url, COUNT(*) AS n FROM webhook_outbox WHERE {others} GROUP BY url", configured
                 )
             }
-            db.execute(f"DELETE FROM webhook_outbox WHERE url NOT IN ({marks})", urls)
+            db.execute(f"DELETE FROM webhook_outbox WHERE {others}", configured)
         return gone
 
     def count(self) -> int:
-        with self._connection(write=False) as db:
-            return db.execute("SELECT COUNT(*) FROM webhook_outbox").fetchone()[0]
+        with self.database.read() as db:
+            return db.execute("SELECT COUNT(*) AS n FROM webhook_outbox").fetchone()["n"]

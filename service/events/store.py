@@ -1,14 +1,14 @@
-"""Where events are kept: a table in the jobs' SQLite file (``service/jobs/layout.database_path``) and
-two pictures per event under the data folder.
+"""Where events are kept: the table ``events`` of the project's database (``service/database``, next
+to the jobs' tables) and two pictures per event under the data folder.
 
-    VAD_DATA_DIR/jobs.sqlite3                   table ``events`` (this module), next to the jobs' tables
+    VAD_DATA_DIR/jobs.sqlite3                   the database, by default (or PostgreSQL: VAD_DATABASE_URL)
     VAD_DATA_DIR/events/<id>/snapshot.jpg       the peak frame
     VAD_DATA_DIR/events/<id>/heatmap.png        its anomaly map drawn over it
 
 As the job store does: a fresh connection per operation (callers run these methods in worker
-threads), WAL mode, the schema created idempotently at the first write (reads of a data folder
-without a database create nothing). Pictures are written to a temp file
-and renamed, so a reader never sees half a picture. Every method is blocking.
+threads), the schema brought up to date at the first write (reads before there is a database create
+nothing). Pictures are written to a temp file and renamed, so a reader never sees half a picture.
+Every method is blocking.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sqlite3
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,32 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.database import connected, create_tables
-from service.jobs.layout import database_path
+from service.database.base import Connection, Database
 
 EVENT_ID = re.compile(r"^[0-9a-f]{32}$")
 SNAPSHOT, HEATMAP = "snapshot.jpg", "heatmap.png"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    id TEXT PRIMARY KEY,
-    camera TEXT NOT NULL,
-    source TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('open', 'closed')),
-    start_at REAL NOT NULL,
-    end_at REAL,
-    last_at REAL NOT NULL,
-    peak_score REAL NOT NULL,
-    peak_frame INTEGER NOT NULL,
-    model_version TEXT NOT NULL,
-    frames INTEGER NOT NULL,
-    picture_bytes INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS events_start ON events (start_at, id);
-CREATE INDEX IF NOT EXISTS events_camera_start ON events (camera, start_at, id);
-CREATE INDEX IF NOT EXISTS events_state ON events (state)
-"""
-
 
 @dataclass
 class EventRecord:
@@ -83,6 +60,10 @@ class EventRecord:
 
 
 COLUMNS = ", ".join(f.name for f in fields(EventRecord))
+UPSERT = (
+    f"INSERT INTO events ({COLUMNS}) VALUES ({', '.join('?' * len(fields(EventRecord)))}) ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{f.name} = excluded.{f.name}" for f in fields(EventRecord) if f.name != "id")
+)
 
 
 def iso_utc(at: float) -> str:
@@ -104,33 +85,24 @@ class EventQuery:
 
 
 class EventStore:
-    def __init__(self, data_dir: str | Path, busy_timeout_s: float = 30.0) -> None:
-        self.path = database_path(data_dir)
+    def __init__(self, database: Database, data_dir: str | Path) -> None:
+        self.database = database
         self.pictures = Path(data_dir) / "events"
-        self.busy_timeout_s = busy_timeout_s
-        self._initialised = False
 
     # -- plumbing ---------------------------------------------------------------------------------
 
-    def initialise(self) -> None:
-        """Create the folder, the database file and the table if missing (idempotent)."""
-        if not self._initialised:
-            create_tables(self.path, self.busy_timeout_s, SCHEMA)
-            self._initialised = True
-
     def exists(self) -> bool:
-        return self._initialised or self.path.is_file()
+        return self.database.exists()
 
     @contextmanager
-    def _connection(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+    def _connection(self, write: bool = False) -> Iterator[Connection]:
         """Reads only call this once ``exists()``: nothing is created before the first event."""
-        self.initialise()
-        with connected(self.path, self.busy_timeout_s, write) as connection:
+        with self.database.write() if write else self.database.read() as connection:
             yield connection
 
     @staticmethod
-    def _record(row: sqlite3.Row) -> EventRecord:
-        return EventRecord(**{key: row[key] for key in row.keys()})
+    def _record(row: Any) -> EventRecord:
+        return EventRecord(**{f.name: row[f.name] for f in fields(EventRecord)})
 
     def folder(self, event_id: str) -> Path:
         if not EVENT_ID.match(event_id):
@@ -141,11 +113,8 @@ class EventStore:
 
     def save(self, record: EventRecord) -> None:
         """Insert or replace the event's row."""
-        values = [getattr(record, f.name) for f in fields(EventRecord)]
         with self._connection(write=True) as connection:
-            connection.execute(
-                f"INSERT OR REPLACE INTO events ({COLUMNS}) VALUES ({', '.join('?' * len(values))})", values
-            )
+            connection.execute(UPSERT, [getattr(record, f.name) for f in fields(EventRecord)])
 
     def write_pictures(self, event_id: str, snapshot: bytes, heatmap: bytes) -> int:
         """Write (atomically, replacing) the event's two pictures; returns their size in bytes."""
@@ -167,12 +136,10 @@ class EventStore:
         if not self.exists():
             return []
         with self._connection(write=True) as connection:
-            rows = connection.execute(f"SELECT {COLUMNS} FROM events WHERE state = 'open'").fetchall()
-            connection.execute("UPDATE events SET state = 'closed', end_at = last_at WHERE state = 'open'")
-        records = [self._record(row) for row in rows]
-        for record in records:
-            record.state, record.end_at = "closed", record.last_at
-        return records
+            rows = connection.execute(
+                f"UPDATE events SET state = 'closed', end_at = last_at WHERE state = 'open' RETURNING {COLUMNS}"
+            ).fetchall()
+        return [self._record(row) for row in rows]
 
     def prune(self, older_than: float, max_bytes: int) -> list[str]:
         """Delete closed events that ended before ``older_than`` and then, oldest first, closed events
@@ -184,7 +151,8 @@ class EventStore:
             doomed = [row["id"] for row in connection.execute(
                 "SELECT id FROM events WHERE state = 'closed' AND end_at < ?", (older_than,))]
             connection.executemany("DELETE FROM events WHERE id = ?", [(i,) for i in doomed])
-            total = connection.execute("SELECT COALESCE(SUM(picture_bytes), 0) FROM events").fetchone()[0]
+            total = connection.execute(
+                "SELECT COALESCE(SUM(picture_bytes), 0) AS total FROM events").fetchone()["total"]
             if total > max_bytes:
                 for row in connection.execute(
                     "SELECT id, picture_bytes FROM events WHERE state = 'closed' ORDER BY start_at, id"

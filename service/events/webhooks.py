@@ -28,7 +28,6 @@ import hashlib
 import hmac
 import json
 import logging
-import sqlite3
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,10 +35,10 @@ from urllib.parse import urlsplit
 import httpx
 
 from service.background import cancel_and_wait
+from service.database import database_errors, database_for
 from service.events.bus import EventBus
 from service.events.outbox import Delivery, OutboxStore
 from service.events.store import iso_utc
-from service.jobs.layout import database_path
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -74,7 +73,7 @@ class WebhookOutbox:
         self.settings = settings
         self.metrics = metrics
         self.urls = list(settings.webhook_urls)
-        self.store = OutboxStore(database_path(settings.data_dir))
+        self.store = OutboxStore(database_for(settings))
         secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
         self._secret = secret or None  # an empty secret signs nothing
         self._wakes: dict[str, asyncio.Event] = {}
@@ -102,7 +101,7 @@ class WebhookOutbox:
 
     async def start(self) -> None:
         """Drop deliveries to URLs no longer configured, then start one sender per URL."""
-        if not self.urls and not self.store.path.exists():
+        if not self.urls and not self.store.database.exists():
             return  # no webhooks and no database: nothing to create
         for url, count in self.store.remove_other_urls(self.urls).items():
             log.warning("dropped %d webhook deliveries to %s: no longer in VAD_WEBHOOK_URLS", count, shown_url(url))
@@ -130,7 +129,7 @@ class WebhookOutbox:
         while True:
             try:
                 await self._send_next(url)
-            except sqlite3.Error:
+            except database_errors():
                 log.exception("webhook outbox of %s: database error; trying again in %.0f s", shown_url(url), DATABASE_RETRY_S)
                 await asyncio.sleep(DATABASE_RETRY_S)
 

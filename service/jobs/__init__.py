@@ -4,7 +4,7 @@ One job per module:
 
 - ``layout``: where jobs keep their files (the queue database, uploads, checkpoints) and where
   footage named by path may come from;
-- ``store``: the durable queue that the server and the workers share (``JobStore``, ``SqliteJobStore``);
+- ``store``: the durable queue that the server and the workers share (``JobStore``, ``SqlJobStore``);
 - ``options``: the client's options checked, and the training configuration fixed at submission;
 - ``form``: receiving a submission's multipart body;
 - ``views``: a job's public JSON;

@@ -15,12 +15,13 @@ from typing import Any
 from starlette.requests import Request
 
 from service.background import cancel_and_wait
+from service.database import database_for
 from service.errors import InvalidJobRequest, JobFinished, JobNotFound
 from service.jobs.activation import apply_policy
 from service.jobs.form import receive_training_form
 from service.jobs.layout import remove_job_files, resolve_footage_path, upload_dir
 from service.jobs.options import job_config, parse_options, parse_paths
-from service.jobs.store import Job, JobFinishedError, JobNotFoundError, JobStore, SqliteJobStore, new_job_id
+from service.jobs.store import Job, JobFinishedError, JobNotFoundError, JobStore, SqlJobStore, new_job_id
 from service.metrics import Metrics
 from service.model_store import ModelStore
 from service.settings import Settings
@@ -37,7 +38,7 @@ class TrainingService:
         self.settings = settings
         self.metrics = metrics
         self.models = models
-        self.store = store or SqliteJobStore.in_data_dir(settings.data_dir)
+        self.store = store or SqlJobStore(database_for(settings))
         self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

@@ -1,13 +1,19 @@
 """Training jobs: a durable queue shared by the server (which submits and watches) and the workers.
 
-``JobStore`` is the interface; ``SqliteJobStore`` is the embedded default, one SQLite file in the data
-folder (``VAD_DATA_DIR/jobs.sqlite3``, ``service/jobs/layout.py``) opened in WAL mode, so readers never
-block the writer. A server-grade queue (PostgreSQL ``SELECT ... FOR UPDATE SKIP LOCKED``, Redis streams)
-can replace it by implementing the same methods with the same guarantees:
+``JobStore`` is the interface; ``SqlJobStore`` implements it on the project's database
+(``service/database``): by default the embedded SQLite file in the data folder
+(``VAD_DATA_DIR/jobs.sqlite3``), for the server and workers of one host; with ``VAD_DATABASE_URL``,
+PostgreSQL, for servers and workers on any number of hosts. The same SQL and the same guarantees on both:
 
-- ``claim`` hands a queued job to exactly one worker: the expired-lease sweep and the guarded
-  ``UPDATE ... WHERE id = ? AND state = 'queued'`` run in one ``BEGIN IMMEDIATE`` transaction, which
-  takes SQLite's write lock before reading, so two workers can never both see the job as queued;
+- ``claim`` hands a queued job to exactly one worker: the expired-lease sweep, the pick of the oldest
+  queued job and the guarded ``UPDATE ... WHERE id = ? AND state = 'queued'`` run in one write
+  transaction. On SQLite it is ``BEGIN IMMEDIATE``, which takes the file's write lock before reading,
+  so two workers can never both see the job as queued; on PostgreSQL the pick is
+  ``SELECT ... FOR UPDATE SKIP LOCKED``: the row is locked until the claim commits, and a concurrent
+  claim passes over it to the next queued job instead of waiting for it (or taking it too);
+- every other read-then-write (a heartbeat, progress, a finish, a cancel, the lease sweep) locks the
+  job's row first (SQLite: the write lock; PostgreSQL: ``FOR UPDATE``), so checks and writes see the
+  same job;
 - a worker owns its job through a lease (``lease_expires_at``) that its heartbeat renews. Every
   write a worker makes is fenced by (worker id, attempt number): once a lease has expired and the job
   was requeued or taken by another worker, the old worker's writes change nothing and it is told so;
@@ -15,29 +21,26 @@ can replace it by implementing the same methods with the same guarantees:
   checkpoint), fails it once it has been attempted ``max_attempts`` times, or cancels it if a cancel
   was pending.
 
-Timestamps are Unix seconds (``time.time()``), so workers on other machines need synchronised clocks.
+Timestamps are Unix seconds (``time.time()`` of the process writing them), so workers on other
+machines need synchronised clocks (NTP); JSON documents are stored as text, read back as written.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from service.database import connected, create_tables
-from service.jobs.layout import database_path
+from service.database.base import Connection, Database
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-SCHEMA_VERSION = 1
 MAX_EVENTS = 200  # events kept per job (oldest dropped)
 
 # What a worker's heartbeat or progress write learns about its job.
@@ -150,38 +153,13 @@ def finite_json(value: Any) -> Any:
     return value
 
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS training_jobs (
-    id TEXT PRIMARY KEY,
-    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
-    options TEXT NOT NULL,
-    config TEXT NOT NULL,
-    footage TEXT NOT NULL,
-    progress TEXT,
-    history TEXT NOT NULL DEFAULT '[]',
-    events TEXT NOT NULL DEFAULT '[]',
-    version TEXT,
-    error TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    worker_id TEXT,
-    lease_expires_at REAL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    activation TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL
-);
-CREATE INDEX IF NOT EXISTS training_jobs_state ON training_jobs (state, created_at);
-"""
-
 COLUMNS = (
     "id, state, options, config, footage, progress, history, events, version, error, attempts, worker_id, "
     "lease_expires_at, cancel_requested, activation, created_at, updated_at, started_at, finished_at"
 )
 
 
-def _row_to_job(row: sqlite3.Row) -> Job:
+def _row_to_job(row: Any) -> Job:
     return Job(
         id=row["id"], state=row["state"], options=json.loads(row["options"]), config=json.loads(row["config"]),
         footage=json.loads(row["footage"]), created_at=row["created_at"], updated_at=row["updated_at"],
@@ -194,47 +172,35 @@ def _row_to_job(row: sqlite3.Row) -> Job:
     )
 
 
-class SqliteJobStore:
-    """The embedded queue: one SQLite file, a fresh connection per operation (thread- and
+class SqlJobStore:
+    """The queue in the project's database: a fresh connection per operation (thread- and
     process-safe; the worker's heartbeat thread and its training thread each use their own)."""
 
-    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0) -> None:
-        self.path = Path(path)
-        self.busy_timeout_s = busy_timeout_s
-        self._initialised = False
-
-    @classmethod
-    def in_data_dir(cls, data_dir: str | Path) -> "SqliteJobStore":
-        return cls(database_path(data_dir))
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self.dialect = database.dialect
 
     def exists(self) -> bool:
-        return self.path.is_file()
-
-    def _initialise(self) -> None:
-        if not self._initialised:
-            create_tables(self.path, self.busy_timeout_s, f"{SCHEMA};\nPRAGMA user_version = {SCHEMA_VERSION}")
-            self._initialised = True
+        return self.database.exists()
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection | None]:
+    def _read(self) -> Iterator[Connection | None]:
         """A connection for reading, or None while the queue does not exist yet (nothing is created)."""
-        if not self._initialised and not self.exists():
+        if not self.database.exists():
             yield None
             return
-        self._initialise()
-        with connected(self.path, self.busy_timeout_s) as connection:
+        with self.database.read() as connection:
             yield connection
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A connection inside BEGIN IMMEDIATE (the write lock is taken before anything is read)."""
-        self._initialise()
-        with connected(self.path, self.busy_timeout_s, write=True) as connection:
-            yield connection
+    def _write(self) -> AbstractContextManager[Connection]:
+        """A write transaction (the rows it reads to change are locked: ``_fetch(..., lock=True)``)."""
+        return self.database.write()
 
-    @staticmethod
-    def _fetch(connection: sqlite3.Connection, job_id: str) -> Job | None:
-        row = connection.execute(f"SELECT {COLUMNS} FROM training_jobs WHERE id = ?", (job_id,)).fetchone()
+    def _fetch(self, connection: Connection, job_id: str, lock: bool = False) -> Job | None:
+        """The job; ``lock``: its row locked until the write transaction ends (it is about to change)."""
+        row = connection.execute(
+            f"SELECT {COLUMNS} FROM training_jobs WHERE id = ?{self.dialect.lock_rows if lock else ''}", (job_id,)
+        ).fetchone()
         return _row_to_job(row) if row else None
 
     @staticmethod
@@ -254,12 +220,13 @@ class SqliteJobStore:
                 return []
             if state is None:
                 rows = connection.execute(
-                    f"SELECT {COLUMNS} FROM training_jobs ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,)
+                    f"SELECT {COLUMNS} FROM training_jobs ORDER BY created_at DESC, {self.dialect.insertion_order} DESC "
+                    "LIMIT ?", (limit,)
                 )
             else:
                 rows = connection.execute(
-                    f"SELECT {COLUMNS} FROM training_jobs WHERE state = ? ORDER BY created_at DESC, rowid DESC "
-                    "LIMIT ?", (state, limit),
+                    f"SELECT {COLUMNS} FROM training_jobs WHERE state = ? "
+                    f"ORDER BY created_at DESC, {self.dialect.insertion_order} DESC LIMIT ?", (state, limit),
                 )
             return [_row_to_job(row) for row in rows]
 
@@ -277,7 +244,7 @@ class SqliteJobStore:
                 return []
             rows = connection.execute(
                 f"SELECT {COLUMNS} FROM training_jobs WHERE state = 'succeeded' AND activation IS NULL "
-                "ORDER BY finished_at, rowid"
+                f"ORDER BY finished_at, {self.dialect.insertion_order}"
             )
             return [_row_to_job(row) for row in rows]
 
@@ -301,7 +268,7 @@ class SqliteJobStore:
     def request_cancel(self, job_id: str) -> Job:
         now = time.time()
         with self._write() as connection:
-            job = self._fetch(connection, job_id)
+            job = self._fetch(connection, job_id, lock=True)
             if job is None:
                 raise JobNotFoundError(job_id)
             if job.finished:
@@ -332,10 +299,12 @@ class SqliteJobStore:
 
     # -- leases ----------------------------------------------------------------------------------
 
-    def _reap(self, connection: sqlite3.Connection, max_attempts: int, now: float) -> list[Job]:
+    def _reap(self, connection: Connection, max_attempts: int, now: float) -> list[Job]:
+        """Resolve the expired leases (rows another transaction holds are its to resolve)."""
         finished = []
         rows = connection.execute(
-            f"SELECT {COLUMNS} FROM training_jobs WHERE state = 'running' AND lease_expires_at < ?", (now,)
+            f"SELECT {COLUMNS} FROM training_jobs WHERE state = 'running' AND lease_expires_at < ?"
+            f"{self.dialect.skip_locked}", (now,)
         ).fetchall()
         for row in rows:
             job = _row_to_job(row)
@@ -376,7 +345,8 @@ class SqliteJobStore:
         with self._write() as connection:
             reaped = self._reap(connection, max_attempts, now)
             row = connection.execute(
-                "SELECT id FROM training_jobs WHERE state = 'queued' ORDER BY created_at, rowid LIMIT 1"
+                f"SELECT id FROM training_jobs WHERE state = 'queued' ORDER BY created_at, {self.dialect.insertion_order} "
+                f"LIMIT 1{self.dialect.skip_locked}"
             ).fetchone()
             if row is None:
                 return None, reaped
@@ -389,12 +359,13 @@ class SqliteJobStore:
                 (worker_id, now + lease_s, now,
                  self._event(job, now, "claimed", attempt=job.attempts + 1, worker=worker_id), now, job.id),
             )
-            if cursor.rowcount != 1:  # cannot happen under the write lock; kept as the guard it is
+            if cursor.rowcount != 1:  # cannot happen under the lock; kept as the guard it is
                 return None, reaped
             return self._fetch(connection, job.id), reaped
 
-    def _owned(self, connection: sqlite3.Connection, job_id: str, worker_id: str, attempt: int) -> Job | None:
-        job = self._fetch(connection, job_id)
+    def _owned(self, connection: Connection, job_id: str, worker_id: str, attempt: int) -> Job | None:
+        """The job, its row locked, if this worker still holds this attempt; else None (fenced off)."""
+        job = self._fetch(connection, job_id, lock=True)
         if job is None or job.state != "running" or job.worker_id != worker_id or job.attempts != attempt:
             return None
         return job

@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import socket
-import sqlite3
 import threading
 import time
 import uuid
@@ -30,8 +29,9 @@ from model.checkpoints import read_checkpoint_meta
 from model.data import FootageError
 from model.manifest import saved_configs
 from model.train import TrainingCancelled, train
+from service.database import database_errors, database_for
 from service.jobs.layout import checkpoint_dir, remove_job_files, resolve_footage_path, upload_dir
-from service.jobs.store import Job, JobStore, SqliteJobStore, finite_json
+from service.jobs.store import Job, JobStore, SqlJobStore, finite_json
 from service.model_store import public_message
 from service.settings import Settings
 
@@ -61,7 +61,7 @@ class Heartbeat(threading.Thread):
         while not self._stop_event.wait(self.interval_s):
             try:
                 status = self.store.heartbeat(self.job_id, self.worker_id, self.attempt, self.lease_s)
-            except sqlite3.Error as exc:  # e.g. locked for longer than the busy timeout: try again
+            except database_errors() as exc:  # e.g. locked past the busy timeout, unreachable: try again
                 log.warning("heartbeat for job %s failed: %s", self.job_id, exc)
                 continue
             if status == "cancel":
@@ -92,7 +92,7 @@ def continued_history(job: Job, meta: dict[str, Any] | None) -> list[dict[str, A
 class Worker:
     def __init__(self, settings: Settings, store: JobStore | None = None, worker_id: str | None = None) -> None:
         self.settings = settings
-        self.store = store or SqliteJobStore.in_data_dir(settings.data_dir)
+        self.store = store or SqlJobStore(database_for(settings))
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
 
@@ -116,7 +116,7 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 ran = self.run_one()
-            except sqlite3.Error as exc:  # the queue is busy or unreachable for now: the lease covers us
+            except database_errors() as exc:  # the queue is busy or unreachable for now: the lease covers us
                 log.warning("worker %s: job store error (%s); retrying", self.worker_id, exc)
                 ran = False
             if once:

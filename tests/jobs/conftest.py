@@ -1,6 +1,7 @@
 """Training-job fixtures: a tiny base version trained once per session, and per test a private
 registry copy, data folder and footage root, with factories for live servers and worker processes
-that all read the same settings."""
+that all read the same settings. Every test using ``job_env`` runs twice: on the embedded SQLite
+file, and on a fresh database of a real PostgreSQL server (``database_url``, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def _no_vad_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 class JobEnv:
     """One deployment: the settings a server and its workers share, and what was started."""
 
-    def __init__(self, root: Path, weights: Path) -> None:
+    def __init__(self, root: Path, weights: Path, database_url: str | None) -> None:
         self.root = root
         self.weights = weights
         self.data = root / "data"
@@ -58,6 +59,8 @@ class JobEnv:
             "job_max_attempts": 3, "training_model_config": TINY_MODEL.to_dict(), "training_config": TINY_JOB_TRAINING,
             "max_queue_delay_ms": 2.0, "log_level": "info",
         }
+        if database_url is not None:
+            self.values["database_url"] = database_url
         self.servers: list[LiveServer] = []
         self.workers: list[WorkerProcess] = []
 
@@ -83,7 +86,7 @@ class JobEnv:
 
 
 @pytest.fixture
-def job_env(tmp_path: Path, base_weights: Path) -> Iterator[JobEnv]:
-    env = JobEnv(tmp_path, Path(shutil.copytree(base_weights, tmp_path / "weights")))
+def job_env(tmp_path: Path, base_weights: Path, database_url: str | None) -> Iterator[JobEnv]:
+    env = JobEnv(tmp_path, Path(shutil.copytree(base_weights, tmp_path / "weights")), database_url)
     yield env
     env.close()

@@ -1,9 +1,11 @@
-"""The SQLite job store's guarantees (atomic claims, leases, fencing) and the pure helpers: the
-auto-activation rule, footage-root path checks, how a resumed attempt continues the history."""
+"""The job store's guarantees (atomic claims, leases, fencing), on each database (``database_url``:
+the SQLite file, then a real PostgreSQL server), and the pure helpers: the auto-activation rule,
+footage-root path checks, how a resumed attempt continues the history."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,39 +14,39 @@ from service.errors import InvalidJobRequest
 from service.jobs.activation import auto_decision
 from service.jobs.form import display_name
 from service.jobs.layout import resolve_footage_path
-from service.jobs.store import SqliteJobStore, new_job_id
+from service.database.base import Database
+from service.jobs.store import SqlJobStore, new_job_id
 from service.jobs.worker import continued_history
 
 
-def make_store(tmp_path: Path) -> SqliteJobStore:
-    return SqliteJobStore.in_data_dir(tmp_path / "data")
+@pytest.fixture
+def store(make_database: Callable[[], Database]) -> SqlJobStore:
+    return SqlJobStore(make_database())
 
 
-def add_jobs(store: SqliteJobStore, count: int) -> list[str]:
+def add_jobs(store: SqlJobStore, count: int) -> list[str]:
     ids = [new_job_id() for _ in range(count)]
     for job_id in ids:
         store.submit(job_id, {}, {}, [{"source": "path", "name": "a.avi", "path": "/x/a.avi"}])
     return ids
 
 
-def test_readers_do_not_create_the_queue(tmp_path: Path) -> None:
-    store = make_store(tmp_path)
+def test_readers_do_not_create_the_queue(store: SqlJobStore, tmp_path: Path) -> None:
     assert store.list() == [] and store.get(new_job_id()) is None and store.reap(3) == []
     assert store.counts() == {s: 0 for s in ("queued", "running", "succeeded", "failed", "cancelled")}
-    assert not (tmp_path / "data").exists()
+    assert not (tmp_path / "data").exists() and not store.exists()  # no file, no PostgreSQL tables
     add_jobs(store, 1)
     assert store.exists() and store.counts()["queued"] == 1
 
 
-def test_concurrent_claims_hand_out_each_job_once(tmp_path: Path) -> None:
-    store = make_store(tmp_path)
+def test_concurrent_claims_hand_out_each_job_once(store: SqlJobStore, make_database: Callable[[], Database]) -> None:
     ids = add_jobs(store, 60)
     claimed: dict[str, list[str]] = {}
     lock = threading.Lock()
     start = threading.Barrier(6)
 
     def worker(name: str) -> None:
-        mine = SqliteJobStore(store.path)  # its own store object and connections, as another process would
+        mine = SqlJobStore(make_database())  # its own store object and connections, as another process would
         start.wait()
         while True:
             job, _ = mine.claim(name, lease_s=60, max_attempts=3)
@@ -76,12 +78,11 @@ class ManualClock:
         return self.now
 
 
-def test_expired_lease_requeues_then_fails_after_max_attempts(tmp_path: Path, monkeypatch) -> None:
+def test_expired_lease_requeues_then_fails_after_max_attempts(store: SqlJobStore, monkeypatch) -> None:
     from service.jobs import store as job_store
 
     clock = ManualClock()
     monkeypatch.setattr(job_store, "time", clock)
-    store = make_store(tmp_path)
     (job_id,) = add_jobs(store, 1)
     first, _ = store.claim("a", lease_s=30, max_attempts=2)
     assert first is not None and first.id == job_id and first.attempts == 1 and first.state == "running"
@@ -105,8 +106,7 @@ def test_expired_lease_requeues_then_fails_after_max_attempts(tmp_path: Path, mo
     assert store.claim("c", lease_s=1, max_attempts=2)[0] is None
 
 
-def test_cancel_release_and_activation_marks(tmp_path: Path) -> None:
-    store = make_store(tmp_path)
+def test_cancel_release_and_activation_marks(store: SqlJobStore) -> None:
     queued, running, other = add_jobs(store, 3)
     assert store.request_cancel(queued).state == "cancelled"
     job, _ = store.claim("a", lease_s=60, max_attempts=3)

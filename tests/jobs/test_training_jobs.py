@@ -1,5 +1,6 @@
 """Training jobs end to end: a real uvicorn server (loopback port) and real `vad worker` processes
-sharing a data folder (SQLite queue) and a registry, with tiny models so each job takes seconds."""
+sharing a data folder, a registry and the queue (the SQLite file in the data folder, then a
+PostgreSQL database: ``job_env``), with tiny models so each job takes seconds."""
 
 from __future__ import annotations
 

@@ -9,10 +9,10 @@ from contextlib import closing
 from pathlib import Path
 
 from service.cameras.store import CameraStore
-from service.database import open_database
+from service.database.sqlite import SqliteDatabase, open_database
 from service.events.outbox import OutboxStore
 from service.jobs.layout import database_path
-from service.jobs.store import SqliteJobStore
+from service.jobs.store import SqlJobStore
 
 
 def test_stores_opening_a_fresh_file_at_once_all_get_in(tmp_path: Path) -> None:
@@ -40,9 +40,9 @@ def test_stores_opening_a_fresh_file_at_once_all_get_in(tmp_path: Path) -> None:
         assert check.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert sum(check.execute(f"SELECT x FROM t{i}").fetchone()[0] for i in range(8)) == sum(range(8))
     # the stores' own tables go into the same file beside them
-    assert CameraStore.in_data_dir(data).list() == []
-    assert SqliteJobStore.in_data_dir(data).list() == []
-    assert OutboxStore(path).count() == 0
+    assert CameraStore(SqliteDatabase(path)).list() == []
+    assert SqlJobStore(SqliteDatabase(path)).list() == []
+    assert OutboxStore(SqliteDatabase(path)).count() == 0
     with sqlite3.connect(path) as check:
         tables = {row[0] for row in check.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"cameras", "training_jobs", "webhook_outbox", "t0"} <= tables

@@ -1,0 +1,144 @@
+"""The schema, owned by the project and versioned: ``MIGRATIONS`` is the ordered list of changes,
+``schema_migrations`` records which a database has had.
+
+``migrate`` runs in one write transaction under the schema lock (SQLite: the file's write lock that
+BEGIN IMMEDIATE takes; PostgreSQL: an advisory lock), so of processes starting together one applies
+the missing migrations and the others then find them recorded. Both databases roll DDL back with the
+transaction: a migration that fails leaves the schema as it was.
+
+Migration 1 is the schema as it stood before it was versioned, written ``IF NOT EXISTS``: an SQLite
+file from then is upgraded in place (its tables and rows kept, any missing table created, version 1
+recorded). To change the schema, append a migration with the next number; never edit one that has
+shipped. ``{placeholders}`` are the dialect's DDL fragments (``service/database/base.Dialect``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.database.base import Database, Dialect
+
+log = logging.getLogger("vad.database")
+
+
+class SchemaTooNewError(RuntimeError):
+    """The database was migrated by a newer version of the project than this one."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str  # statements separated by ';'
+
+    def statements(self, dialect: "Dialect") -> list[str]:
+        text = self.sql.format(**dataclasses.asdict(dialect))
+        return [statement.strip() for statement in text.split(";") if statement.strip()]
+
+
+VERSIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    applied_at {float_type} NOT NULL
+)
+"""
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "training jobs, cameras, events and the webhook outbox", """
+CREATE TABLE IF NOT EXISTS training_jobs (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    options TEXT NOT NULL,
+    config TEXT NOT NULL,
+    footage TEXT NOT NULL,
+    progress TEXT,
+    history TEXT NOT NULL DEFAULT '[]',
+    events TEXT NOT NULL DEFAULT '[]',
+    version TEXT,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker_id TEXT,
+    lease_expires_at {float_type},
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    activation TEXT,
+    created_at {float_type} NOT NULL,
+    updated_at {float_type} NOT NULL,
+    started_at {float_type},
+    {insertion_column}finished_at {float_type}
+);
+CREATE INDEX IF NOT EXISTS training_jobs_state ON training_jobs (state, created_at);
+
+CREATE TABLE IF NOT EXISTS cameras (
+    name {binary_text} PRIMARY KEY,
+    url TEXT NOT NULL,
+    fps {float_type} NOT NULL CHECK (fps > 0 AND fps <= 60),
+    enabled INTEGER NOT NULL,
+    created_at {float_type} NOT NULL,
+    updated_at {float_type} NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS events (
+    id {binary_text} PRIMARY KEY,
+    camera TEXT NOT NULL,
+    source TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('open', 'closed')),
+    start_at {float_type} NOT NULL,
+    end_at {float_type},
+    last_at {float_type} NOT NULL,
+    peak_score {float_type} NOT NULL,
+    peak_frame INTEGER NOT NULL,
+    model_version TEXT NOT NULL,
+    frames INTEGER NOT NULL,
+    picture_bytes INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS events_start ON events (start_at, id);
+CREATE INDEX IF NOT EXISTS events_camera_start ON events (camera, start_at, id);
+CREATE INDEX IF NOT EXISTS events_state ON events (state);
+
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    seq {serial_key},
+    id TEXT NOT NULL UNIQUE,
+    url TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    event TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at {float_type} NOT NULL,
+    created_at {float_type} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_outbox_url ON webhook_outbox (url, seq)
+"""),
+)
+
+
+def migrate(database: "Database", migrations: tuple[Migration, ...] = MIGRATIONS) -> list[int]:
+    """Apply the migrations ``database`` has not had, in order; returns their versions (none: [])."""
+    newest = max(migration.version for migration in migrations)
+    applied = []
+    with database.connect(write=True) as connection:
+        database.lock_schema(connection)
+        connection.execute(VERSIONS_TABLE.format(**dataclasses.asdict(database.dialect)))
+        done = {row["version"] for row in connection.execute("SELECT version FROM schema_migrations")}
+        if done and max(done) > newest:
+            raise SchemaTooNewError(
+                f"database {database.describe()} has schema version {max(done)}, newer than this version of "
+                f"vad knows ({newest}): run the newer vad, or restore a backup from before it"
+            )
+        for migration in sorted(migrations, key=lambda m: m.version):
+            if migration.version in done:
+                continue
+            for statement in migration.statements(database.dialect):
+                connection.execute(statement)
+            connection.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (migration.version, migration.name, time.time()),
+            )
+            applied.append(migration.version)
+    for version in applied:
+        log.info("database %s: applied schema migration %d", database.describe(), version)
+    return applied
