@@ -23,6 +23,8 @@ from model.devices import DEVICE_PATTERN
 from model.inject import INJECT_KINDS
 
 DEFAULT_WEIGHTS = os.environ.get("VAD_WEIGHTS_DIR")
+# model.inference.PRECISIONS, spelled out: importing it loads torch, which `vad --help` does not need
+PRECISION_CHOICES = ["float32", "bf16", "fp16", "int8", "auto"]
 
 
 def weights_dir_arg(value: str | None) -> Path:
@@ -133,9 +135,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     clip_names = args.clips.split(",") if args.clips else None
     report = evaluate_ped2(args.root, weights, args.version, args.device or "cpu", plots_dir=args.plots, playback=playback,
                            inject_kind=args.inject, inject_seed=args.inject_seed, inject_copies=args.inject_copies,
-                           clip_names=clip_names)
+                           clip_names=clip_names, precision=args.precision)
     summary, details = report["summary"], report["details"]
-    print(f"Ped2 frame-level, {summary['frames']} frames, version {summary['version']} ({summary['input_mode']}):")
+    print(f"Ped2 frame-level, {summary['frames']} frames, version {summary['version']} ({summary['input_mode']}, "
+          f"networks in {summary['precision']}):")
     for mode, fig in {**summary["scores"], "motion": details["motion"], "fused": details["fused"]}.items():
         print(f"  {mode:15s} AUC {fig['auc']:.4f}  EER {fig['eer']:.4f}")
     served = details["served"]
@@ -237,6 +240,8 @@ def add_model_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]
     evaluate.add_argument("--plots", default="artifacts/eval", help="folder for one PNG per test clip")
     evaluate.add_argument("--record", action="store_true", help="store the figures in the version's manifest")
     evaluate.add_argument("--device", type=device_arg)
+    evaluate.add_argument("--precision", choices=PRECISION_CHOICES, default="float32",
+                          help="the networks' precision, as VAD_PRECISION (CPU: float32, bf16, int8, auto; checked at load)")
     evaluate.add_argument("--clips", help="comma-separated test clips to score (default: all 12, the protocol)")
     evaluate.add_argument("--resize", type=_frame_size, help="WxH: play the test clips at this size (robustness check)")
     evaluate.add_argument("--frame-step", type=positive_int, default=1,

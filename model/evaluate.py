@@ -127,13 +127,15 @@ def evaluate_ped2(
     root: str | Path, weights_dir: str | Path, version: str | None = None, device: str = "cpu",
     plots_dir: str | Path | None = None, progress: bool = True, inject_kind: str | None = None,
     inject_seed: int = 0, inject_copies: int = 1, playback: Playback | None = None,
-    clip_names: Sequence[str] | None = None,
+    clip_names: Sequence[str] | None = None, precision: str = "float32",
 ) -> dict[str, Any]:
     """Score all Ped2 test frames; return the report (exact --json shape under 'summary').
 
     ``playback`` changes how the test footage arrives (size, frame rate) to check that the figures do
     not depend on them; the default is Ped2 as it is. ``clip_names`` scores only those test clips (a
     quick check; the protocol's figures are over all 12).
+
+    ``precision``: the networks' (VAD_PRECISION's values; checked at load like the server's).
 
     ``inject_kind="appearance"`` adds the injected set's figures (module docstring) under
     summary["injected"]."""
@@ -144,7 +146,7 @@ def evaluate_ped2(
     if version is None:
         raise registry.VersionNotFound(f"no published version in {weights_dir}")
     loaded = registry.load_version(weights_dir, version, device)
-    scorer = scorer_for(loaded, device)
+    scorer = scorer_for(loaded, device, precision=precision)
     calibration = loaded.calibration
     playback = playback or Playback()
     clips = ped2_test_clips(root)
@@ -187,6 +189,8 @@ def evaluate_ped2(
         "dataset": "ped2",
         "version": version,
         "input_mode": loaded.config.input_mode,
+        # what the networks ran in (VAD_PRECISION; a precision refused at load runs float32)
+        "precision": scorer.engine.precision if scorer.engine else "float32",
         "frames": int(len(labels)),
         "scores": {mode: figures(labels, np.concatenate(peaks[mode])) for mode in PAPER_MODES},
         "served": served_figures,

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from model import registry
+from model.cpu_features import detect_cpu_features
 from model.devices import resolve_device
 from model.offline import scorer_for
 from model.scoring import Calibration, FrameStream, PatchScorer, SkipUnchanged
@@ -137,6 +138,8 @@ class ModelStore:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.weights_dir = Path(settings.weights_dir)
         self.device = str(resolve_device(settings.device))
+        if self.device == "cpu":  # what VAD_PRECISION can use here (bf16/int8 hardware)
+            log.info("%s; VAD_PRECISION=%s", detect_cpu_features().summary(), settings.precision)
         self.follow_latest = settings.follow_latest
         self.follow_interval_s = settings.follow_interval_s
         self.scorer_options: dict[str, Any] = {

@@ -1,9 +1,11 @@
 """The networks alone: their FLOPs per frame, frames/s of ``PatchScorer.raw_scores`` on pre-cut patches per
-frames-per-batch (``model``), the same networks one patch at a time as a sliding-window loop runs them
-(``naive``), and on a GPU each precision with and without CUDA graphs (``cuda``)."""
+frames-per-batch (``model``), the same in each other CPU precision this machine can run (``precisions``),
+the same networks one patch at a time as a sliding-window loop runs them (``naive``), and on a GPU each
+precision with and without CUDA graphs (``cuda``)."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -11,10 +13,13 @@ import numpy as np
 import torch
 
 from model import registry
+from model.cpu_features import detect_cpu_features
 from model.encoding import encode_frames, to_model_input
+from model.inference import InferenceEngine, onnxruntime_available
 from model.networks import pad_patches
 from model.offline import scorer_for
 from model.patches import to_patches
+from model.precision import TOLERANCE
 from model.scoring import COMPONENTS, PatchScorer
 from service.bench.timing import best_seconds, say
 
@@ -68,6 +73,31 @@ def model_path(scorer: PatchScorer, channels: np.ndarray, roofline: float, quick
         "gflops": round(gflops, 1),
         "roofline_fraction": round(gflops / roofline, 3),
     }
+
+
+def cpu_precisions_here() -> list[str]:
+    """The CPU precisions besides float32 this machine can run: bf16 with bf16 hardware, int8 with ONNX Runtime."""
+    return [name for name, usable in (("bf16", detect_cpu_features().bf16_hardware), ("int8", onnxruntime_available()))
+            if usable]
+
+
+def precision_path(loaded: registry.LoadedVersion, channels: np.ndarray, precision: str, rooflines: dict[str, float],
+                   quick: bool, stride: int, flow: str | None) -> dict[str, Any]:
+    """``model_path`` in ``precision`` on the CPU, against that precision's roofline (``roofline_fraction``)
+    and float32's (``roofline_fraction_float32``), with the load check's figure. Measured even where the
+    check refuses the precision (``passes_check`` false): what it would give is part of the answer."""
+    scorer = scorer_for(loaded, "cpu", flow=flow)
+    scorer.engine = InferenceEngine(scorer.refiner, scorer.detector, "cpu", precision=precision,
+                                    calibration=loaded.calibration, tolerance=math.inf)
+    check = scorer.engine.precision_report["candidates"].get(precision, {})
+    if scorer.engine.precision != precision:
+        return {"precision": precision, "ran": False, "reason": check.get("reason", "not available")}
+    result = model_path(scorer, channels, rooflines[precision], quick, stride)
+    result.update(precision=precision, ran=True, backend=scorer.engine.backend,
+                  roofline_fraction_float32=round(result["gflops"] / rooflines["float32"], 3),
+                  max_diff_over_spread=check["max_diff_over_spread"],
+                  passes_check=check["max_diff_over_spread"] <= TOLERANCE, tolerance=TOLERANCE)
+    return result
 
 
 def naive_loop(scorer: PatchScorer, gray: np.ndarray) -> dict[str, Any]:

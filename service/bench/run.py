@@ -21,8 +21,11 @@ from model.scoring import SkipUnchanged
 from service.bench.ablation import ablation
 from service.bench.footage import Footage, default_dataset_root
 from service.bench.full_path import full_path
-from service.bench.model_path import cuda_section, cut_patches, model_path, naive_loop, required_flops
-from service.bench.roofline import roofline_gflops
+from model.cpu_features import detect_cpu_features
+from service.bench.model_path import (
+    cpu_precisions_here, cuda_section, cut_patches, model_path, naive_loop, precision_path, required_flops,
+)
+from service.bench.roofline import int8_roofline_gops, roofline_gflops
 from service.bench.service_path import service_section
 from service.bench.timing import say
 
@@ -84,6 +87,18 @@ def _run_bench(
     result["roofline_by_size"] = roof["by_size"]
     say(f"roofline: float32 matmul on {result['machine']['device']} {result['roofline_gflops']} GFLOP/s "
         f"({roof['by_size']}), {torch.get_num_threads()} CPU threads")
+    # the CPU's other precisions: what the CPU offers, and each one's own roofline (bf16: GFLOP/s, int8: GOP/s)
+    precisions = [] if on_cuda else cpu_precisions_here()
+    rooflines = {"float32": roof["gflops"]}
+    if not on_cuda:
+        result["machine"]["cpu_features"] = detect_cpu_features().to_dict()
+        say(detect_cpu_features().summary())
+    for precision in precisions:
+        other = roofline_gflops(quick, device, torch.bfloat16) if precision == "bf16" else int8_roofline_gops(quick)
+        rooflines[precision] = other["gflops" if precision == "bf16" else "gops"]
+        result.setdefault("rooflines", {"float32": {"gflops": result["roofline_gflops"], "by_size": roof["by_size"]}})
+        result["rooflines"][precision] = {"gflops": round(rooflines[precision], 1), "by_size": other["by_size"]}
+        say(f"roofline: {precision} matmul {rooflines[precision]:.1f} G{'FL' if precision == 'bf16' else ''}OP/s ({other['by_size']})")
 
     # the naive loop first, with torch's default threads and no worker pool used yet in this process
     naive = naive_loop(scorer, footage.frames(naive_frames or (2 if quick else 48)))
@@ -107,6 +122,16 @@ def _run_bench(
         say(f"model path (stride {stride}, {m['patches_per_frame']} patches/frame): {m['gflops_per_frame']} GFLOP/frame, "
             f"{m['frames_per_s']} frames/s at {m['best_frames_per_batch']} frames/batch {m['frames_per_s_by_batch']}, "
             f"{m['gflops']} GFLOP/s = {m['roofline_fraction']:.0%} of the roofline")
+    for precision in precisions:  # the same model path in each other CPU precision (non-overlapping patches)
+        p = result.setdefault("model_by_precision", {})[precision] = precision_path(
+            loaded, channels, precision, rooflines, quick, config.patch_size, flow)
+        if p["ran"]:
+            say(f"model path in {precision} ({p['backend']}): {p['frames_per_s']} frames/s at {p['best_frames_per_batch']} frames/batch "
+                f"{p['frames_per_s_by_batch']}, {p['gflops']} GFLOP/s = {p['roofline_fraction']:.0%} of the {precision} roofline, "
+                f"{p['roofline_fraction_float32']:.0%} of float32's; score difference {p['max_diff_over_spread']} of the spread "
+                f"({'passes' if p['passes_check'] else 'fails'} the load check, tolerance {p['tolerance']})")
+        else:
+            say(f"model path in {precision}: not run ({p['reason']})")
     m = result["model_served_stride"] if "model_served_stride" in result else result["model"]
     result["engine"] = {"backend": scorer.engine.backend if scorer.engine else "torch (unfused)",
                         "cpu_workers": scorer.engine.workers.count if scorer.engine and scorer.engine.workers else 1}
