@@ -122,7 +122,7 @@ def build_context(target: Path) -> Path:
     run([*pip, "wheel", "--no-deps", "-q", "-w", str(wheels), str(target)], timeout=600, cwd=target)
     project = next(wheels.glob("vad_alocc-*.whl"))
     run([*pip, "download", "-q", "-d", str(wheels), "--only-binary=:all:", "--python-version", BASE_PYTHON,
-         f"vad-alocc[onnx] @ {project.as_uri()}", "setuptools>=68", "wheel"], timeout=900)
+         f"vad-alocc[onnx,postgres] @ {project.as_uri()}", "setuptools>=68", "wheel"], timeout=900)
     shutil.rmtree(target / "build", ignore_errors=True)  # setuptools' build folder, not context
     return target
 

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -49,9 +50,6 @@ CUSTOM_RESOURCES = {
     "ServiceMonitor": "monitoring.coreos.com/v1 CRD: checked by test_service_monitor_scrapes_every_replica",
     "PrometheusRule": "monitoring.coreos.com/v1 CRD: checked by test_prometheus_rule_is_vad_yml_and_passes_promtool",
 }
-# VAD_* variables the manifests set before the setting exists: VAD_DATABASE_URL is read once the
-# PostgreSQL job store lands (issue 16); until then Settings ignores it (extra="ignore").
-PENDING_SETTINGS = {"VAD_DATABASE_URL"}
 CHECKOV_SPEC = "checkov>=3.2,<4"
 CHECKOV_VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vad-tests" / "checkov-venv"
 
@@ -287,8 +285,8 @@ def test_server_probes_resources_and_read_only_root(rendered: dict[str, list[dic
 
 def test_pods_can_write_where_the_server_writes(rendered: dict[str, list[dict]]) -> None:
     """With a read-only root, every place the processes write must be a mounted volume: the registry
-    (VAD_WEIGHTS_DIR: the entrypoint's seeding, ACTIVE, the worker's publishing), VAD_DATA_DIR (queue,
-    uploads, checkpoints, events, outbox), and the temporary folder (clip uploads: tempfile.mkdtemp in
+    (VAD_WEIGHTS_DIR: the entrypoint's seeding, ACTIVE, the worker's publishing), VAD_DATA_DIR (uploads,
+    checkpoints, event pictures), and the temporary folder (clip uploads: tempfile.mkdtemp in
     service/app.py) with the caches pointed into it."""
     for variant, docs in rendered.items():
         settings = config_data(docs)
@@ -308,22 +306,32 @@ def test_pods_can_write_where_the_server_writes(rendered: dict[str, list[dict]])
                 pvc = find(docs, "PersistentVolumeClaim", claim)
                 assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
             assert "sizeLimit" in volumes[mounts["/tmp"]["name"]]["emptyDir"]
-            # SQLite job queue: every pod that opens it on one node (until the PostgreSQL store lands).
-            (term,) = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-            assert term["topologyKey"] == "kubernetes.io/hostname"
-            labels = find(docs, "Deployment", name)["spec"]["template"]["metadata"]["labels"]
-            assert term["labelSelector"]["matchLabels"].items() <= labels.items()
+
+
+def test_servers_and_workers_share_postgresql_on_any_node(rendered: dict[str, list[dict]]) -> None:
+    """The database is PostgreSQL (VAD_DATABASE_URL from the Secret, naming the components' Service),
+    so no pod is tied to another's node (SQLite on the shared volume needed that)."""
+    for variant, docs in rendered.items():
+        url = find(docs, "Secret", "vad-secrets")["stringData"]["VAD_DATABASE_URL"]
+        assert Settings(database_url=url).database_url is not None  # a URL the setting accepts
+        parts = urlsplit(url)
+        service = find(docs, "Service", parts.hostname)["spec"]
+        assert [p["port"] for p in service["ports"]] == [parts.port]
+        for name in ("vad-server", "vad-worker"):
+            env = {e["name"]: e for e in container(docs, "Deployment", name)["env"]}
+            assert env["VAD_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "vad-secrets", "key": "VAD_DATABASE_URL"}
+            pod = find(docs, "Deployment", name)["spec"]["template"]["spec"]
+            assert "podAffinity" not in pod.get("affinity", {}), (variant, name)
 
 
 def test_every_vad_variable_is_a_setting(rendered: dict[str, list[dict]]) -> None:
     fields = {f"VAD_{name.upper()}" for name in Settings.model_fields}
-    pending = PENDING_SETTINGS - fields  # once a pending one becomes a setting it is checked like the rest
     for variant, docs in rendered.items():
         used = set(config_data(docs))
         for kind, name in (("Deployment", "vad-server"), ("Deployment", "vad-worker")):
             used |= {e["name"] for e in container(docs, kind, name).get("env", [])}
         used |= set(find(docs, "Secret", "vad-secrets")["stringData"])
-        unknown = {v for v in used if v.startswith("VAD_")} - fields - pending
+        unknown = {v for v in used if v.startswith("VAD_")} - fields
         assert not unknown, f"{variant}: not settings of service/settings.py: {sorted(unknown)}"
         Settings(**{k[4:].lower(): v for k, v in config_data(docs).items()})  # and valid values
 
