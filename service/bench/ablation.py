@@ -9,7 +9,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from model.inference import CpuWorkers, FusedNets, OrtRunner, onnxruntime_available
+from model.inference import CpuWorkers, FusedNets, OrtRunner, export_onnx, onnxruntime_available
 from model.scoring import PatchScorer
 from service.bench.model_path import cut_patches
 from service.bench.timing import best_seconds, say
@@ -37,12 +37,12 @@ def ablation(scorer: PatchScorer, channels: np.ndarray, flops: float, quick: boo
     # calling thread's small parallel ops slower (see model.inference.dedicate_cpu_to_workers)
     plain = FusedNets(refiner, detector, channels_last=False, phase_max_cout=0)
     if onnxruntime_available():
-        steps.append((f"ONNX Runtime, {threads} intra-op thread(s)", OrtRunner(plain, config.channels, config.patch_size, threads)))
+        steps.append((f"ONNX Runtime, {threads} intra-op thread(s)", OrtRunner(export_onnx(plain, config.channels, config.patch_size), threads)))
     if workers is not None:
         steps.append((f"fused torch, batch split over {threads} single-threaded workers", split(phase)))
         if onnxruntime_available():
             steps.append((f"ONNX Runtime, split over {threads} single-threaded workers",
-                          split(OrtRunner(plain, config.channels, config.patch_size, 1))))
+                          split(OrtRunner(export_onnx(plain, config.channels, config.patch_size), 1))))
     sizes = (1, 16) if quick else (1, 4, 16)
     batches = {f: cut_patches(scorer, channels[np.arange(f) % len(channels)], config.patch_size) for f in sizes}
     best: dict[tuple[int, int], float] = {}

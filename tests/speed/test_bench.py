@@ -47,3 +47,31 @@ def test_a_device_that_is_not_there_is_refused_before_anything_runs(trained_weig
         assert main(["bench", "--quick", "--device", "cuda", "--weights", str(trained_weights), "--json", str(out)]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
     assert not out.exists()  # nothing written
+
+
+def test_quick_bench_measures_each_cpu_precision(trained_weights: Path, tmp_path: Path) -> None:
+    """The CPU's features, each precision's roofline, and the model path in each precision this CPU runs,
+    against its own roofline and float32's (issue 15). Which precisions exist depends on the CPU."""
+    from model.cpu_features import detect_cpu_features
+    from service.bench.model_path import cpu_precisions_here
+
+    if torch.cuda.is_available():
+        pytest.skip("the bench measures the CUDA device here, not the CPU's precisions")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--no-service", "--no-ablation", "--weights", str(trained_weights), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["machine"]["cpu_features"] == detect_cpu_features().to_dict()
+    precisions = cpu_precisions_here()
+    if not precisions:
+        pytest.skip("neither bf16 hardware nor ONNX Runtime here: float32 is the only CPU precision")
+    assert set(data["rooflines"]) == {"float32", *precisions}
+    assert set(data["model_by_precision"]) == set(precisions)
+    for name in precisions:
+        assert data["rooflines"][name]["gflops"] > 0
+        path = data["model_by_precision"][name]
+        if not path["ran"]:
+            assert path["reason"]
+            continue
+        assert path["precision"] == name and path["frames_per_s"] > 0
+        assert 0 < path["roofline_fraction"] < 10 and 0 < path["roofline_fraction_float32"] < 10
+        assert path["max_diff_over_spread"] >= 0 and isinstance(path["passes_check"], bool)
