@@ -20,6 +20,7 @@ from model.config import (
     TrainConfig,
 )
 from model.devices import DEVICE_PATTERN
+from model.encoding import ENCODINGS
 from model.inject import INJECT_KINDS
 
 DEFAULT_WEIGHTS = os.environ.get("VAD_WEIGHTS_DIR")
@@ -135,7 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     clip_names = args.clips.split(",") if args.clips else None
     report = evaluate_ped2(args.root, weights, args.version, args.device or "cpu", plots_dir=args.plots, playback=playback,
                            inject_kind=args.inject, inject_seed=args.inject_seed, inject_copies=args.inject_copies,
-                           clip_names=clip_names, precision=args.precision)
+                           clip_names=clip_names, encoding=args.encoding, precision=args.precision)
     summary, details = report["summary"], report["details"]
     print(f"Ped2 frame-level, {summary['frames']} frames, version {summary['version']} ({summary['input_mode']}, "
           f"networks in {summary['precision']}):")
@@ -242,6 +243,8 @@ def add_model_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]
     evaluate.add_argument("--device", type=device_arg)
     evaluate.add_argument("--precision", choices=PRECISION_CHOICES, default="float32",
                           help="the networks' precision, as VAD_PRECISION (CPU: float32, bf16, int8, auto; checked at load)")
+    evaluate.add_argument("--encoding", choices=list(ENCODINGS), default="auto",
+                          help="who encodes the frames: auto (torch on CUDA, OpenCV on the CPU), opencv or torch")
     evaluate.add_argument("--clips", help="comma-separated test clips to score (default: all 12, the protocol)")
     evaluate.add_argument("--resize", type=_frame_size, help="WxH: play the test clips at this size (robustness check)")
     evaluate.add_argument("--frame-step", type=positive_int, default=1,

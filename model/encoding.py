@@ -66,6 +66,25 @@ def _flow_pool() -> ThreadPoolExecutor:
         return _FLOW_POOL
 
 
+# VAD_ENCODING / PatchScorer(encoding=...): which implementation encodes frames for scoring. Both give
+# the same channels within the bounds tests/model/test_torch_encoding.py checks. "auto": torch on a
+# CUDA device (the frames go there once and the channels stay there), OpenCV on the CPU, where the
+# torch port measured several times slower than OpenCV's Farneback (docs/speed.md).
+ENCODINGS = ("auto", "opencv", "torch")
+
+
+def resolve_encoding(choice: str, device: torch.device | str) -> str:
+    """``auto`` -> ``torch`` on CUDA, ``opencv`` elsewhere; ``opencv`` and ``torch`` as asked."""
+    if choice not in ENCODINGS:
+        raise ValueError(f"unknown encoding {choice!r} (one of {ENCODINGS})")
+    device = torch.device(device)
+    if choice == "auto":
+        return "torch" if device.type == "cuda" else "opencv"
+    if choice == "torch" and device.type == "mps":
+        raise ValueError("the torch encoding needs float64 (its Farneback solve), which MPS lacks: use opencv")
+    return choice
+
+
 def processing_size(height: int, width: int, config: ModelConfig) -> tuple[int, int]:
     """(height, width) frames are encoded at: ``config.frame_height`` rows, the aspect ratio kept."""
     if config.frame_height is None or config.frame_height == height:

@@ -30,7 +30,6 @@ from model.calibrate import clip_raw_scores, frame_peaks
 from model.data import read_footage
 from model.offline import scorer_for
 from model.footage_scale import MotionSaturation
-from model.encoding import encode_frames
 from model.scoring import PatchScorer, causal_mean
 
 PAPER_MODES = ("d_r_x", "d_x", "reconstruction")  # the modes of the --json summary
@@ -127,13 +126,14 @@ def evaluate_ped2(
     root: str | Path, weights_dir: str | Path, version: str | None = None, device: str = "cpu",
     plots_dir: str | Path | None = None, progress: bool = True, inject_kind: str | None = None,
     inject_seed: int = 0, inject_copies: int = 1, playback: Playback | None = None,
-    clip_names: Sequence[str] | None = None, precision: str = "float32",
+    clip_names: Sequence[str] | None = None, encoding: str = "auto", precision: str = "float32",
 ) -> dict[str, Any]:
     """Score all Ped2 test frames; return the report (exact --json shape under 'summary').
 
     ``playback`` changes how the test footage arrives (size, frame rate) to check that the figures do
     not depend on them; the default is Ped2 as it is. ``clip_names`` scores only those test clips (a
-    quick check; the protocol's figures are over all 12).
+    quick check; the protocol's figures are over all 12). ``encoding``: who encodes the frames
+    (model/encoding.py ENCODINGS; auto: torch on CUDA, OpenCV on the CPU).
 
     ``precision``: the networks' (VAD_PRECISION's values; checked at load like the server's).
 
@@ -146,7 +146,7 @@ def evaluate_ped2(
     if version is None:
         raise registry.VersionNotFound(f"no published version in {weights_dir}")
     loaded = registry.load_version(weights_dir, version, device)
-    scorer = scorer_for(loaded, device, precision=precision)
+    scorer = scorer_for(loaded, device, encoding=encoding, precision=precision)
     calibration = loaded.calibration
     playback = playback or Playback()
     clips = ped2_test_clips(root)
@@ -167,7 +167,7 @@ def evaluate_ped2(
             raise DatasetError(f"{clip.folder}: {len(gray)} frames but {len(clip.labels)} labels")
         gray, clip_labels = playback.apply(gray, clip.labels)
         played.append(TestClip(clip.name, clip.folder, clip_labels))
-        channels = encode_frames(gray, loaded.config, fps=playback.fps)
+        channels = scorer.encode(gray, fps=playback.fps).cpu().numpy()
         saturation.add(channels)
         for mode, scores in stream_peaks(scorer, channels, loaded, modes).items():
             peaks[mode].append(scores)
@@ -249,7 +249,7 @@ def _injected_figures(
     streams = [(run.clean, np.zeros(len(run.clean), bool)) for run in runs]
     streams += [(copy.frames, copy.injected) for run in runs for copy in run.copies]
     for gray, mask in _progress(streams, progress, "injected set streams", "stream"):
-        channels = encode_frames(gray, loaded.config, fps=fps)
+        channels = scorer.encode(gray, fps=fps).cpu().numpy()
         for mode, peaks in stream_peaks(scorer, channels, loaded, modes).items():
             scores[mode].append(causal_mean(peaks, calibration.smoothing_frames))
         injected.append(mask)

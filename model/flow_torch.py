@@ -86,11 +86,17 @@ def _separable(x: torch.Tensor, vertical: torch.Tensor, horizontal: torch.Tensor
     return F.conv2d(x, horizontal.view(-1, 1, 1, horizontal.shape[-1]), groups=horizontal.shape[0])
 
 
+@lru_cache(maxsize=64)
+def _device_taps(device: torch.device, *taps: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
+    """Filter taps as float32 tensors on ``device``, made once (not one host-to-device copy per call)."""
+    return tuple(torch.tensor(t, dtype=torch.float32, device=device) for t in taps)
+
+
 def pyramid_level(frames: torch.Tensor, scale: float) -> torch.Tensor:
     """(N, 1, H, W) float32 frames -> OpenCV's pyramid image at ``scale``: blurred at full size, then resized."""
     sigma = (1.0 / scale - 1) * 0.5
     size = max(cv_round(sigma * 5) | 1, 3)
-    kernel = torch.from_numpy(gaussian_kernel(size, sigma)).to(frames.device)
+    (kernel,) = _device_taps(frames.device, tuple(gaussian_kernel(size, sigma).tolist()))
     blurred = _separable(frames, kernel, kernel.view(1, -1), "reflect")  # reflect = OpenCV's BORDER_REFLECT_101
     height, width = cv_round(frames.shape[-2] * scale), cv_round(frames.shape[-1] * scale)
     if (height, width) == tuple(frames.shape[-2:]):
@@ -102,12 +108,10 @@ def poly_expansion(image: torch.Tensor, n: int, sigma: float) -> torch.Tensor:
     """FarnebackPolyExp: (N, 1, H, W) -> (N, 5, H, W), OpenCV's channel order (r2 .. r6 of the paper's
     quadratic fit: y and x gradient terms, then the xx/yy/xy terms, as its UpdateMatrices reads them)."""
     g, xg, xxg, (ig11, ig03, ig33, ig55) = poly_expansion_terms(n, sigma)
-    device = image.device
-    taps = {name: torch.from_numpy(t).to(device) for name, t in (("g", g), ("xg", xg), ("xxg", xxg))}
-    # columns: v0 = sum g I, v1 = sum (k g) I, v2 = sum (k^2 g) I (k: the row offset); each then
-    # filtered along rows with the kernel its moment needs
-    vertical = torch.stack([taps["g"], taps["g"], taps["g"], taps["xg"], taps["xg"], taps["xxg"]])
-    horizontal = torch.stack([taps["g"], taps["xg"], taps["xxg"], taps["g"], taps["xg"], taps["g"]])
+    g, xg, xxg = (tuple(t.tolist()) for t in (g, xg, xxg))
+    # columns: v0 = sum g I, v1 = sum (k g) I, v2 = sum (k^2 g) I (k: the row offset), each then
+    # filtered along rows with the kernels its moments need
+    vertical, horizontal = _device_taps(image.device, (g, g, g, xg, xg, xxg), (g, xg, xxg, g, xg, g))
     x = F.pad(image, (0, 0, n, n), mode="replicate")
     x = F.conv2d(x, vertical.view(6, 1, -1, 1))
     x = F.pad(x, (n, n, 0, 0), mode="replicate")

@@ -27,7 +27,8 @@ import torch
 
 from model.config import SCORE_MODES, ModelConfig
 from model.inference import InferenceEngine
-from model.encoding import FLOW_PRESETS, encode_frames, to_model_input
+from model.encoding import FLOW_PRESETS, encode_frames, resolve_encoding, to_model_input
+from model.torch_encoding import encode_frames_torch
 from model.networks import Detector, Refiner
 from model.patches import GridShape, to_patches
 from model.results import FrameResult
@@ -114,11 +115,20 @@ class SkipUnchanged:
 
     def changed(self, patches: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """Indices of the rows of (N, values) uint8 ``patches`` that differ from ``reference`` enough
-        to be rescored. OpenCV's saturating uint8 kernels: 7x faster than int16 tensor arithmetic."""
-        difference = cv2.absdiff(np.ascontiguousarray(patches.numpy()), np.ascontiguousarray(reference.numpy()))
-        over = cv2.threshold(difference, self.level, 1, cv2.THRESH_BINARY)[1]
+        to be rescored."""
+        return self.changed_mask(patches, reference).nonzero().flatten()
+
+    def changed_mask(self, patches: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: which rows of ``patches`` to rescore, on their device. On the CPU by OpenCV's
+        saturating uint8 kernels (7x faster than int16 tensor arithmetic there); elsewhere in torch,
+        the same test, without a synchronisation."""
         allowed = int(self.share * patches.shape[1])
-        return torch.from_numpy(np.flatnonzero(over.sum(1, dtype=np.int32) > allowed))
+        if patches.device.type == "cpu":
+            difference = cv2.absdiff(np.ascontiguousarray(patches.numpy()), np.ascontiguousarray(reference.numpy()))
+            over = cv2.threshold(difference, self.level, 1, cv2.THRESH_BINARY)[1]
+            return torch.from_numpy(over.sum(1, dtype=np.int32) > allowed)
+        over = (patches.to(torch.int16) - reference.to(torch.int16)).abs_() > self.level
+        return over.sum(1) > allowed
 
 
 # On by default (docs/speed.md: speed and Ped2 EER of each score mode at several settings).
@@ -153,6 +163,7 @@ class PatchScorer:
         cuda_graphs: bool = False,
         backend: str = "auto",
         flow: str | None = None,
+        encoding: str = "auto",
     ) -> None:
         self.device = torch.device(device)
         self.refiner = refiner.to(self.device).eval()
@@ -165,6 +176,9 @@ class PatchScorer:
         if flow is not None and flow not in FLOW_PRESETS:
             raise ValueError(f"unknown flow preset {flow!r} (one of {sorted(FLOW_PRESETS)})")
         self.flow = flow or config.flow_preset
+        # who encodes frames (model/encoding.py ENCODINGS): "torch" encodes on this device, so on CUDA
+        # frames go there once and channels and patches stay there until the networks
+        self.encoding = resolve_encoding(encoding, self.device)
         # The serving path: an eval-only fused copy (batch norm folded, NHWC; model/inference.py), built
         # from the weights as they are now. ``fused=False`` scores with the modules themselves.
         # On CUDA, ``precision`` (bf16/fp16 autocast) and ``cuda_graphs`` apply to it; on the CPU,
@@ -202,9 +216,27 @@ class PatchScorer:
             network = torch.cat(out)
         return torch.cat([network, motion_energy(patches)], 1)
 
-    def frame_patches(self, channels: np.ndarray) -> tuple[torch.Tensor, GridShape]:
-        """(T, C, H, W) uint8 channels -> model-ready patches and the grid."""
-        frames = to_model_input(torch.from_numpy(channels))
+    def frames_in(self, gray: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """(T, H, W) uint8 frames where this scorer's encoding reads them: on the device for torch."""
+        if self.encoding == "torch":
+            return torch.as_tensor(gray).to(self.device)
+        return gray.cpu().numpy() if isinstance(gray, torch.Tensor) else gray
+
+    def encode(
+        self, gray: np.ndarray | torch.Tensor, previous: np.ndarray | torch.Tensor | None = None, fps: float | None = None,
+    ) -> torch.Tensor:
+        """(T, H, W) uint8 frames -> (T, C, h, w) uint8 channels (model.encoding.encode_frames), by
+        this scorer's encoding: on its device for torch, on the CPU for OpenCV."""
+        if self.encoding == "torch":
+            return encode_frames_torch(gray, self.config, previous, flow=self.flow, fps=fps, device=self.device)
+        if isinstance(previous, torch.Tensor):
+            previous = previous.cpu().numpy()
+        gray = gray.cpu().numpy() if isinstance(gray, torch.Tensor) else gray
+        return torch.from_numpy(encode_frames(gray, self.config, previous, flow=self.flow, fps=fps))
+
+    def frame_patches(self, channels: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, GridShape]:
+        """(T, C, H, W) uint8 channels -> model-ready patches and the grid (on the channels' device)."""
+        frames = to_model_input(torch.as_tensor(channels))
         return to_patches(frames, self.config.patch_size, self.config.stride)
 
 
@@ -223,7 +255,7 @@ class FrameStream:
         self.scorer = scorer
         self.calibration = scorer.calibration
         self.fps = fps
-        self.previous: np.ndarray | None = None
+        self.previous: np.ndarray | torch.Tensor | None = None  # last frame as the encoding holds it
         self.window: deque[float] = deque(maxlen=max(1, self.calibration.smoothing_frames))
         self.next_index = 0
         self.skip: SkipUnchanged | None = scorer.skip if skip == "scorer" else skip  # type: ignore[assignment]
@@ -246,12 +278,14 @@ class FrameStream:
         stream moving to a new version keeps its motion channel)."""
         self.previous = other.previous
 
-    def prepare(self, gray: np.ndarray) -> tuple[torch.Tensor, GridShape, int]:
-        """(T, H, W) uint8 frames -> (patches to score, grid, T); advances the motion state."""
-        if self.previous is not None and self.previous.shape != gray.shape[1:]:
+    def prepare(self, gray: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, GridShape, int]:
+        """(T, H, W) uint8 frames -> (patches to score, grid, T); advances the motion state. With the
+        torch encoding the patches are on the scorer's device."""
+        if self.previous is not None and tuple(self.previous.shape) != tuple(gray.shape[1:]):
             self.previous = None  # the resolution changed: no valid predecessor
-        channels = encode_frames(gray, self.scorer.config, self.previous, flow=self.scorer.flow, fps=self.fps)
-        self.previous = gray[-1].copy()
+        gray = self.scorer.frames_in(gray)
+        channels = self.scorer.encode(gray, self.previous, fps=self.fps)
+        self.previous = gray[-1].clone() if isinstance(gray, torch.Tensor) else gray[-1].copy()
         count = gray.shape[0]
         if self.skip is None:
             patches, grid = self.scorer.frame_patches(channels)
@@ -259,29 +293,33 @@ class FrameStream:
             self.patches_scored += patches.shape[0]
             return patches, grid, count
         config = self.scorer.config
-        cells, grid = to_patches(torch.from_numpy(channels), config.patch_size, config.stride)
+        cells, grid = to_patches(channels, config.patch_size, config.stride)
         per_frame = grid.rows * grid.cols
         flat = cells.reshape(count, per_frame, -1)
         reference = self._reference
         if self._plan is not None or reference is None or reference.shape != flat.shape[1:]:
             reference, self._reference_raw = None, None  # first frame, new size, or an unfinished batch
-        # source[t, p]: row of [reference components (per_frame rows) | new components] for patch p at t
-        source = torch.empty(count, per_frame, dtype=torch.long)
-        latest = torch.arange(per_frame)
-        chosen, scored = [], 0
+        # which patches of each frame to rescore, frame after frame (each against the reference as
+        # the frames before it left it); masks, so a device runs the loop without waiting
+        masks = []
         for t in range(count):
             if reference is None:
-                changed = torch.arange(per_frame)
+                changed = torch.ones(per_frame, dtype=torch.bool, device=flat.device)
                 reference = flat[t].clone()
             else:
-                changed = self.skip.changed(flat[t], reference)
-                reference[changed] = flat[t, changed]
-            latest[changed] = per_frame + scored + torch.arange(len(changed))
-            scored += len(changed)
-            source[t] = latest
-            chosen.append(changed + t * per_frame)
-        self._plan = (source, reference)
-        picked = torch.cat(chosen)
+                changed = self.skip.changed_mask(flat[t], reference)
+                reference = torch.where(changed[:, None], flat[t], reference)
+            masks.append(changed)
+        mask = torch.stack(masks)  # (T, patches per frame)
+        picked = mask.flatten().nonzero().flatten()
+        # source[t, p]: row of [reference components (per_frame rows) | new components] for patch p at
+        # t: the new row of the last frame up to t that rescored p, else the reference's row p
+        new_rows = per_frame + mask.flatten().cumsum(0).view(count, per_frame) - 1
+        frames = torch.arange(count, device=mask.device)[:, None].expand(count, per_frame)
+        last = torch.where(mask, frames, -1).cummax(0).values
+        source = torch.where(last >= 0, new_rows.gather(0, last.clamp(min=0)),
+                             torch.arange(per_frame, device=mask.device))
+        self._plan = (source.cpu(), reference)
         self.patches_seen += count * per_frame
         self.patches_scored += len(picked)
         return to_model_input(cells[picked]), grid, count

@@ -24,15 +24,17 @@ from model.config import ModelConfig
 from model.encoding import FLOW_PRESETS, motion_rate_factor, processing_size
 from model.flow_torch import farneback_flow_sequences
 
-# Frame pairs per flow pass: bounds the memory of a long clip (float64 box sums of 5 terms per pixel)
-MAX_PAIRS_PER_PASS = 64
+
+def pairs_per_pass(device: torch.device) -> int:
+    """Frame pairs per flow pass: bounds the memory of a long clip or many streams (~20 MB per
+    360x240 pair at the finest level: float64 box sums of 5 terms per pixel among others)."""
+    return 256 if device.type == "cuda" else 16
 
 
 @lru_cache(maxsize=32)
-def area_weights(source: int, target: int) -> np.ndarray:
+def area_weights(source: int, target: int, scale: float) -> np.ndarray:
     """(target, source) float64 weights of OpenCV's INTER_AREA along one axis (computeResizeAreaTab):
-    each output cell averages the source pixels it covers, partial pixels by their covered share."""
-    scale = source / target
+    each output cell averages the ``scale`` source pixels it covers, partial pixels by their share."""
     weights = np.zeros((target, source))
     for d in range(target):
         start = d * scale
@@ -48,20 +50,22 @@ def area_weights(source: int, target: int) -> np.ndarray:
     return weights
 
 
-def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def resize_frames(frames: torch.Tensor, height: int, width: int, factor: float | None = None) -> torch.Tensor:
     """(..., H, W) uint8 -> (..., height, width) uint8 as cv2.resize does it in ``to_processing_size``:
     area averaging when shrinking, bilinear when enlarging (within 1 grey level: OpenCV rounds its
-    bilinear weights to fixed point)."""
+    bilinear weights to fixed point). ``factor``: the scale cv2.resize was given (fx = fy), which it
+    then uses instead of the ratio of the sizes."""
     source_height, source_width = frames.shape[-2:]
     if (height, width) == (source_height, source_width):
         return frames
     lead = frames.shape[:-2]
     x = frames.reshape(-1, 1, source_height, source_width).float()
     if height < source_height:
-        rows = torch.from_numpy(area_weights(source_height, height)).float().to(frames.device)
-        cols = torch.from_numpy(area_weights(source_width, width)).float().to(frames.device)
+        scale_y, scale_x = (1 / factor, 1 / factor) if factor else (source_height / height, source_width / width)
+        rows = torch.from_numpy(area_weights(source_height, height, scale_y)).float().to(frames.device)
+        cols = torch.from_numpy(area_weights(source_width, width, scale_x)).float().to(frames.device)
         x = rows @ x @ cols.T
-        if source_height == 2 * height and source_width == 2 * width:
+        if scale_y == scale_x == 2:
             # OpenCV's 2x2 fast path rounds halves up, (a + b + c + d + 2) >> 2; elsewhere to even
             return x.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8).reshape(*lead, height, width)
     else:
@@ -75,12 +79,12 @@ def flow_magnitude(frames: torch.Tensor, preset: str) -> torch.Tensor:
     (pyr_scale, levels, winsize, iterations, poly_n, poly_sigma), scale = FLOW_PRESETS[preset]
     height, width = frames.shape[-2:]
     if scale != 1.0:
-        frames = resize_frames(frames, int(round(height * scale)), int(round(width * scale)))
-    pairs = frames.shape[1] - 1
-    if pairs > MAX_PAIRS_PER_PASS:  # a long clip: pieces along time, overlapping by one frame
-        pieces, dim = [(slice(None), slice(t, t + MAX_PAIRS_PER_PASS + 1)) for t in range(0, pairs, MAX_PAIRS_PER_PASS)], 1
+        frames = resize_frames(frames, int(round(height * scale)), int(round(width * scale)), factor=scale)
+    pairs, limit = frames.shape[1] - 1, pairs_per_pass(frames.device)
+    if pairs > limit:  # a long clip: pieces along time, overlapping by one frame
+        pieces, dim = [(slice(None), slice(t, t + limit + 1)) for t in range(0, pairs, limit)], 1
     else:  # whole sequences, as many per pass as fit
-        step = MAX_PAIRS_PER_PASS // pairs
+        step = limit // pairs
         pieces, dim = [(slice(s, s + step), slice(None)) for s in range(0, frames.shape[0], step)], 0
     flow = torch.cat([farneback_flow_sequences(frames[piece], pyr_scale, levels, winsize, iterations, poly_n, poly_sigma)
                       for piece in pieces], dim)

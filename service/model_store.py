@@ -148,6 +148,7 @@ class ModelStore:
             "cuda_graphs": settings.cuda_graphs,
             "backend": settings.inference_backend,
             "flow": settings.flow_preset,
+            "encoding": settings.encoding,
         }
         self.metrics = metrics
         self._current: ServingModel | None = None

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     inference_backend: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="CPU only: auto (ONNX Runtime when installed, else torch), torch or onnxruntime.",
     )
+    encoding: Literal["auto", "opencv", "torch"] = Field(
+        "auto", description="Who encodes frames (grey, optical flow, patches, unchanged-patch test): auto (torch on CUDA, on the device; OpenCV on the CPU, where it is faster), opencv or torch.",
+    )
 
     # Dynamic batching
     max_batch_patches: int = Field(4096, ge=1, description="Most patches in one forward pass.")

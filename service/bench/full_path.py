@@ -9,11 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from model.encoding import encode_frames
 from model.offline import FRAMES_PER_BATCH
 from model.scoring import FrameStream, PatchScorer, SkipUnchanged
 from service.bench.footage import CAMERA_FPS, Footage
-from service.bench.timing import best_seconds
+from service.bench.timing import best_seconds, synchronized
 
 
 def full_path(scorer: PatchScorer, footage: Footage, skip: SkipUnchanged | None) -> dict[str, Any]:
@@ -34,12 +33,13 @@ def full_path(scorer: PatchScorer, footage: Footage, skip: SkipUnchanged | None)
     seconds = time.perf_counter() - started
     # the encoding's share, timed apart on the same frames (flow dominates appearance+flow)
     sample = footage.clips[0][1][:32]
-    encode_s = best_seconds(lambda: encode_frames(sample, scorer.config, flow=scorer.flow), 0.0, 3) / len(sample)
+    encode_s = best_seconds(synchronized(lambda: scorer.encode(sample), scorer.device), 0.0, 3) / len(sample)
     out: dict[str, Any] = {
         "frames": len(scores),
         "frames_per_s": round(len(scores) / seconds, 2),
         "scored_patch_share": round(scored / max(seen, 1), 3),
         "encode_ms_per_frame": round(encode_s * 1e3, 2),
+        "encoding": scorer.encoding,
         "skip": None if skip is None else {"level": skip.level, "share": skip.share},
     }
     if footage.labelled and labels:
