@@ -38,7 +38,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        dataset_root=Path(args.root) if args.root else None, eval_clips=clips,
                        naive_frames=args.naive_frames, stream_seconds=args.stream_seconds,
                        service=not args.no_service, ablate=not args.no_ablation, flow=args.flow,
-                       device=args.device)
+                       device=args.device, peer=args.peer)
     if args.json:
         write_json(args.json, result)
     return 0
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:1 (default: CUDA when available, as vad serve)")
     bench.add_argument("--flow", choices=list(FLOW_PRESET_NAMES),
                        help="override the version's optical-flow preset (appearance+flow; changes the model's input)")
+    bench.add_argument("--peer", choices=["torchserve"],
+                       help="also serve the version with TorchServe (benchmark-only, installed into ~/.cache/vad-bench; "
+                            "needs Java 17) and compare it on the same clips and streams")
     bench.set_defaults(func=cmd_bench)
 
     worker = sub.add_parser("worker", help="run queued training jobs (POST /v1/training-jobs) until stopped")

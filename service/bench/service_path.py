@@ -9,7 +9,8 @@ import json
 import os
 import tempfile
 import time
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -38,20 +39,32 @@ def served_weights(weights_dir: Path, version: str) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def service_clips(server: ServerProcess, clips: list[Path], concurrency: int) -> dict[str, Any]:
-    """Post every clip (``concurrency`` at a time); frames/s = all frames / wall time."""
+ClipPoster = Callable[[httpx.AsyncClient, Path], Awaitable[int]]  # posts one clip, returns the frames scored
+# One stream's connection: sends frame ``seq`` and returns once it is answered: perf_counter() when the
+# answer came, None when it was an error (a frame never answered is a task still pending at the end)
+FrameSender = Callable[[int, bytes], Awaitable["float | None"]]
+StreamOpener = Callable[[int], AbstractAsyncContextManager[FrameSender]]  # stream index -> a connection
+
+
+async def post_service_clip(client: httpx.AsyncClient, path: Path) -> int:
+    """``POST /v1/clips`` of `vad serve` (multipart, the clip's file as it is)."""
+    response = await client.post("/v1/clips", files={"file": (path.name, path.read_bytes(), "video/x-msvideo")})
+    response.raise_for_status()
+    return int(response.json()["frame_count"])
+
+
+def clips_throughput(base_url: str, clips: list[Path], concurrency: int, post: ClipPoster = post_service_clip) -> dict[str, Any]:
+    """Post every clip to the server at ``base_url`` with ``post`` (``concurrency`` at a time);
+    frames/s = all frames / wall time."""
     async def run() -> tuple[int, float]:
-        async with httpx.AsyncClient(base_url=server.url, timeout=600) as client:
+        async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
             queue = list(clips)
             frames = 0
 
             async def worker() -> None:
                 nonlocal frames
                 while queue:
-                    path = queue.pop(0)
-                    response = await client.post("/v1/clips", files={"file": (path.name, path.read_bytes(), "video/x-msvideo")})
-                    response.raise_for_status()
-                    frames += response.json()["frame_count"]
+                    frames += await post(client, queue.pop(0))
 
             started = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -61,54 +74,95 @@ def service_clips(server: ServerProcess, clips: list[Path], concurrency: int) ->
     return {"concurrency": concurrency, "frames": frames, "seconds": round(seconds, 2), "frames_per_s": round(frames / seconds, 2)}
 
 
-def stream_trial(server: ServerProcess, k: int, frames: list[bytes], seconds: float) -> dict[str, Any]:
-    """K WebSocket streams, each sending one frame every 1/CAMERA_FPS s for ``seconds``; per-frame
-    latency = reply received - frame sent."""
+def websocket_streams(ws_url: str) -> StreamOpener:
+    """Streams over `vad serve`'s ``WS /v1/stream`` (maps on): one connection per stream, replies
+    matched to frames by ``seq``."""
     from websockets.asyncio.client import connect
 
-    per_stream = max(1, int(round(seconds * CAMERA_FPS)))
-
-    async def one(index: int) -> tuple[list[float], int, int, float]:
-        latencies: list[float] = []
-        errors = 0
-        sent_at: dict[int, float] = {}
-        offset = (index * 37) % len(frames)  # streams show different frames
-        async with connect(f"{server.ws_url}/v1/stream", max_size=None) as ws:
+    @asynccontextmanager
+    async def open_stream(index: int) -> AsyncIterator[FrameSender]:
+        async with connect(f"{ws_url}/v1/stream", max_size=None) as ws:
             await ws.send(json.dumps({"maps": True}))
             json.loads(await ws.recv())  # the options reply
+            waiting: dict[int, asyncio.Future[float | None]] = {}
 
             async def receive() -> None:
-                nonlocal errors
-                for _ in range(per_stream):
-                    reply = json.loads(await ws.recv())
-                    if "error" in reply:
-                        errors += 1
-                    else:
-                        latencies.append(time.perf_counter() - sent_at[reply["seq"]])
+                async for message in ws:
+                    reply = json.loads(message)
+                    answer = waiting.pop(reply.get("seq", -1), None)
+                    if answer is not None and not answer.done():
+                        answer.set_result(None if "error" in reply else time.perf_counter())
+
+            async def send(seq: int, frame: bytes) -> float | None:
+                waiting[seq] = asyncio.get_running_loop().create_future()
+                answer = waiting[seq]
+                await ws.send(frame)
+                return await answer
 
             receiver = asyncio.create_task(receive())
+            try:
+                yield send
+            finally:
+                receiver.cancel()
+
+    return open_stream
+
+
+def http_frame_streams(base_url: str, path: str, stream_headers: Callable[[int], dict[str, str]] | None = None) -> StreamOpener:
+    """Streams as one HTTP ``POST base_url + path`` per frame (the JPEG as the body), each stream on
+    its own keep-alive client; a frame is answered when the reply is 200. ``stream_headers``: extra
+    headers of stream ``index``'s requests (its stream id, for a server that keeps state per stream)."""
+    @asynccontextmanager
+    async def open_stream(index: int) -> AsyncIterator[FrameSender]:
+        headers = {"Content-Type": "image/jpeg", **(stream_headers(index) if stream_headers else {})}
+        async with httpx.AsyncClient(base_url=base_url, timeout=60, headers=headers) as client:
+            async def send(seq: int, frame: bytes) -> float | None:
+                try:
+                    response = await client.post(path, content=frame)
+                except httpx.HTTPError:
+                    return None
+                return time.perf_counter() if response.status_code == 200 else None
+
+            yield send
+
+    return open_stream
+
+
+async def _latency(answer: Awaitable[float | None], sent: float) -> float | None:
+    answered = await answer
+    return None if answered is None else answered - sent
+
+
+def stream_trial(open_stream: StreamOpener, k: int, frames: list[bytes], seconds: float) -> dict[str, Any]:
+    """K streams, each sending one frame every 1/CAMERA_FPS s for ``seconds`` without waiting for
+    answers; per-frame latency = answer received - frame sent."""
+    per_stream = max(1, int(round(seconds * CAMERA_FPS)))
+
+    async def one(index: int) -> tuple[list[float], int, float]:
+        offset = (index * 37) % len(frames)  # streams show different frames
+        async with open_stream(index) as send:
             start = time.perf_counter() + 0.05 * (index % 10) / 10  # streams' phases spread over a frame
+            answers = []
             for i in range(per_stream):
                 delay = start + i / CAMERA_FPS - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                sent_at[i] = time.perf_counter()
-                await ws.send(frames[(offset + i) % len(frames)])
-            try:
-                await asyncio.wait_for(receiver, timeout=30)
-            except asyncio.TimeoutError:
-                receiver.cancel()
+                answers.append(asyncio.create_task(_latency(send(i, frames[(offset + i) % len(frames)]), time.perf_counter())))
+            done, pending = await asyncio.wait(answers, timeout=30)
+            for task in pending:
+                task.cancel()
             finished = time.perf_counter()
-            return latencies, errors, per_stream, finished - start
+            latencies = [t.result() for t in done if t.exception() is None and t.result() is not None]
+            return latencies, per_stream, finished - start
 
-    async def run() -> list[tuple[list[float], int, int, float]]:
+    async def run() -> list[tuple[list[float], int, float]]:
         return await asyncio.gather(*(one(i) for i in range(k)))
 
     results = asyncio.run(run())
     all_latencies = np.asarray([lat for r in results for lat in r[0]]) * 1e3
-    # a stream's rate: frames answered with a score over the time from its first send to its last reply
-    rates = [len(r[0]) / r[3] for r in results]
-    dropped = sum(r[1] + (r[2] - len(r[0]) - r[1]) for r in results)
+    # a stream's rate: frames answered with a score over the time from its first send to its last answer
+    rates = [len(r[0]) / r[2] for r in results]
+    dropped = sum(r[1] - len(r[0]) for r in results)  # answered with an error, or not at all
     p50, p95, p99 = (np.percentile(all_latencies, q) if len(all_latencies) else float("inf") for q in (50, 95, 99))
     return {
         "k": k,
@@ -128,16 +182,19 @@ def realtime(trial: dict[str, Any], per_stream_frames: int) -> bool:
         per_stream_frames / (per_stream_frames + 1)) and trial["p99_ms"] <= REALTIME_P99_MS
 
 
-def streams_section(server: ServerProcess, frames: list[bytes], quick: bool, seconds: float) -> tuple[list[dict[str, Any]], int]:
-    """K = 1, 4, 8, then the largest real-time K: doubling past 8 while real-time, then bisecting."""
+def streams_section(open_stream: StreamOpener, frames: list[bytes], quick: bool, seconds: float,
+                    label: str = "streams", pause_s: float = 0.0) -> tuple[list[dict[str, Any]], int]:
+    """K = 1, 4, 8, then the largest real-time K: doubling past 8 while real-time, then bisecting.
+    ``pause_s``: idle time before each trial (a server that ends a stream only after it went quiet)."""
     ks = [1, 2] if quick else [1, 4, 8]
     trials: dict[int, dict[str, Any]] = {}
 
     def trial(k: int) -> bool:
-        result = stream_trial(server, k, frames, seconds)
+        time.sleep(pause_s)
+        result = stream_trial(open_stream, k, frames, seconds)
         result["realtime"] = realtime(result, result["frames_per_stream"])
         trials[k] = result
-        say(f"streams K={k}: {result['fps_per_stream']} fps/stream, p50 {result['p50_ms']} ms, "
+        say(f"{label} K={k}: {result['fps_per_stream']} fps/stream, p50 {result['p50_ms']} ms, "
             f"p99 {result['p99_ms']} ms, dropped {result['dropped']}, real-time {result['realtime']}")
         return bool(result["realtime"])
 
@@ -179,7 +236,7 @@ def service_section(weights_dir: Path, version: str, footage: Footage, model_fps
         env.update(VAD_CAMERA_URL_ALLOW='["file://"]', VAD_FOOTAGE_ROOT=tmp, VAD_DATA_DIR=str(Path(tmp) / "data"))
         clips = [write_clip(Path(tmp) / f"{name}.avi", gray[: (16 if quick else None)]) for name, gray, _, _ in footage.clips]
         with ServerProcess(env, weights_dir=served) as server:
-            runs = [service_clips(server, clips, c) for c in ((1,) if quick else (1, 2))]
+            runs = [clips_throughput(server.url, clips, c) for c in ((1,) if quick else (1, 2))]
             best = max(runs, key=lambda r: r["frames_per_s"])
             out["service"] = {
                 "frames_per_s": best["frames_per_s"],
@@ -189,7 +246,8 @@ def service_section(weights_dir: Path, version: str, footage: Footage, model_fps
             say(f"service: POST /v1/clips {best['frames_per_s']} frames/s ({best['concurrency']} at a time) = "
                 f"{out['service']['ratio_to_model']:.0%} of the model path; runs {runs}")
             frames = jpeg_frames(footage, 400)
-            streams, best_k = streams_section(server, frames, quick, stream_seconds or (1.0 if quick else 10.0))
+            streams, best_k = streams_section(websocket_streams(server.ws_url), frames, quick,
+                                              stream_seconds or (1.0 if quick else 10.0))
             out["streams"] = streams
             out["max_realtime_streams"] = best_k
             out["realtime_rule"] = (f"every frame answered with a score, each stream at >= 95% of {CAMERA_FPS:g} "
