@@ -64,7 +64,8 @@ def clips_throughput(base_url: str, clips: list[Path], concurrency: int, post: C
             async def worker() -> None:
                 nonlocal frames
                 while queue:
-                    frames += await post(client, queue.pop(0))
+                    scored = await post(client, queue.pop(0))
+                    frames += scored  # after the await: ``frames += await ...`` would read frames before it
 
             started = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(concurrency)))
