@@ -25,6 +25,7 @@ from model.cpu_features import detect_cpu_features
 from service.bench.model_path import (
     cpu_precisions_here, cuda_section, cut_patches, model_path, naive_loop, precision_path, required_flops,
 )
+from service.bench.decoding import decoding_section
 from service.bench.peer_torchserve import peer_section
 from service.bench.roofline import int8_roofline_gops, roofline_gflops
 from service.bench.service_path import service_section
@@ -157,6 +158,7 @@ def _run_bench(
 
     if on_cuda:
         result["cuda"] = cuda_section(loaded, channels, m["gflops_per_frame"] * 1e9, quick)
+    result["decoding"] = decoding_section(footage, device, quick)
 
     if service:
         result.update(service_section(weights_dir, version, footage, m["frames_per_s"], quick, stream_seconds, flow,

@@ -35,6 +35,10 @@ def test_quick_bench_writes_every_key(trained_weights: Path, tmp_path: Path) -> 
     assert isinstance(data["max_realtime_streams"], int) and data["max_realtime_streams"] >= 0
     assert positive(data["peak_rss_mb"])
     assert data["full"]["frames"] > 0 and 0 < data["full"]["scored_patch_share"] <= 1
+    decoding = data["decoding"]
+    assert positive(decoding["frames"]["opencv_1_thread_frames_per_s"]) and positive(decoding["frames"]["opencv_pool_frames_per_s"])
+    assert "nvJPEG needs a CUDA device" in decoding["frames"]["nvjpeg"]["skipped"]  # the quick run is on the CPU
+    assert positive(decoding["clip"]["one_capture_frames_per_s"]) and positive(decoding["clip"]["parallel_frames_per_s"])
 
 
 def test_a_device_that_is_not_there_is_refused_before_anything_runs(trained_weights: Path, tmp_path: Path,
