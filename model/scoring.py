@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ import torch
 from model.config import SCORE_MODES, ModelConfig
 from model.inference import InferenceEngine
 from model.encoding import FLOW_PRESETS, encode_frames, resolve_encoding, to_model_input
-from model.torch_encoding import encode_frames_torch
+from model.torch_encoding import encode_frames_torch, encode_stack
 from model.networks import Detector, Refiner
 from model.patches import GridShape, to_patches
 from model.results import FrameResult
@@ -281,12 +281,22 @@ class FrameStream:
     def prepare(self, gray: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, GridShape, int]:
         """(T, H, W) uint8 frames -> (patches to score, grid, T); advances the motion state. With the
         torch encoding the patches are on the scorer's device."""
-        if self.previous is not None and tuple(self.previous.shape) != tuple(gray.shape[1:]):
-            self.previous = None  # the resolution changed: no valid predecessor
         gray = self.scorer.frames_in(gray)
-        channels = self.scorer.encode(gray, self.previous, fps=self.fps)
+        channels = self.scorer.encode(gray, self.predecessor(gray), fps=self.fps)
         self.previous = gray[-1].clone() if isinstance(gray, torch.Tensor) else gray[-1].copy()
-        count = gray.shape[0]
+        return self.plan(channels)
+
+    def predecessor(self, gray: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor | None:
+        """The frame before ``gray``'s first, or None where there is none of the same size (the first
+        chunk, or the resolution changed)."""
+        if self.previous is not None and tuple(self.previous.shape) != tuple(gray.shape[1:]):
+            self.previous = None
+        return self.previous
+
+    def plan(self, channels: torch.Tensor) -> tuple[torch.Tensor, GridShape, int]:
+        """A chunk's (T, C, h, w) uint8 channels -> (patches to score, grid, T): the unchanged-patch
+        test against the patches as last scored (``prepare``'s second half)."""
+        count = channels.shape[0]
         if self.skip is None:
             patches, grid = self.scorer.frame_patches(channels)
             self.patches_seen += patches.shape[0]
@@ -368,6 +378,48 @@ class FrameStream:
         """A whole clip in chunks of ``chunk_frames``, each chunk's results as soon as it is scored."""
         for start in range(0, gray.shape[0], chunk_frames):
             yield from self.score(gray[start : start + chunk_frames])
+
+
+def prepare_streams(
+    chunks: Sequence[tuple[FrameStream, np.ndarray | torch.Tensor]],
+) -> list[tuple[torch.Tensor, GridShape, int]]:
+    """``FrameStream.prepare`` of several streams' chunks, one result per chunk in order. With the torch
+    encoding, chunks of one shape from streams of one scorer are encoded in one pass
+    (model/torch_encoding.encode_stack: all their frame pairs in one batch on the device), which is
+    what lets one GPU keep up with hundreds of single-frame streams; each stream then plans its
+    patches. Each gets what its own ``prepare`` would give (tests/model/test_prepare_streams.py).
+    At most one chunk per stream: a stream's prepare and finish come in pairs."""
+    if len({id(stream) for stream, _ in chunks}) != len(chunks):
+        raise ValueError("prepare_streams takes at most one chunk per stream (prepare and finish come in pairs)")
+    results: list[tuple[torch.Tensor, GridShape, int] | None] = [None] * len(chunks)
+    groups: dict[tuple, list[int]] = {}
+    for i, (stream, gray) in enumerate(chunks):
+        if stream.scorer.encoding != "torch":
+            results[i] = stream.prepare(gray)
+        else:
+            groups.setdefault((id(stream.scorer), tuple(gray.shape)), []).append(i)
+    for members in groups.values():
+        for i, prepared in zip(members, _prepare_together([chunks[i] for i in members])):
+            results[i] = prepared
+    return results  # type: ignore[return-value]
+
+
+def _prepare_together(chunks: list[tuple[FrameStream, np.ndarray | torch.Tensor]]) -> list[tuple[torch.Tensor, GridShape, int]]:
+    """Chunks of one shape, one per stream, of one scorer with the torch encoding: one encode_stack."""
+    scorer = chunks[0][0].scorer
+    gray = torch.stack([torch.as_tensor(g) for _, g in chunks]).to(scorer.device)  # (S, T, H, W)
+    previous = []
+    for s, (stream, _) in enumerate(chunks):
+        before = stream.predecessor(gray[s])
+        # none: the first frame is its own predecessor; one kept by an OpenCV-encoding stream is numpy
+        previous.append(gray[s, 0] if before is None else torch.as_tensor(before).to(gray.device))
+    channels = encode_stack(gray, scorer.config, torch.stack(previous), flow=scorer.flow,
+                            fps=[stream.fps for stream, _ in chunks])
+    prepared = []
+    for s, (stream, _) in enumerate(chunks):
+        stream.previous = gray[s, -1].clone()
+        prepared.append(stream.plan(channels[s]))
+    return prepared
 
 
 def causal_mean(scores: np.ndarray, window: int) -> np.ndarray:

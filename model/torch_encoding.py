@@ -14,6 +14,7 @@ size together; on CUDA the frames go to the device once and the channels stay th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -96,11 +97,12 @@ def flow_magnitude(frames: torch.Tensor, preset: str) -> torch.Tensor:
 
 def encode_stack(
     gray: torch.Tensor, config: ModelConfig, previous: torch.Tensor | None = None, flow: str | None = None,
-    fps: float | None = None,
+    fps: float | Sequence[float | None] | None = None,
 ) -> torch.Tensor:
     """(S, T, H, W) uint8 frames of S streams (one chunk each, one size) -> (S, T, C, h, w) uint8
     channels, on the frames' device. ``previous``: (S, H, W), each stream's frame before its chunk
-    (None: the first frame is its own predecessor). All S * T frame pairs run as one batch."""
+    (None: the first frame is its own predecessor). ``fps``: one rate for all, or one per stream.
+    All S * T frame pairs run as one batch."""
     if gray.dim() != 4 or gray.dtype != torch.uint8:
         raise ValueError(f"expected (S, T, H, W) uint8 frames, got {gray.dtype} {tuple(gray.shape)}")
     height, width = gray.shape[-2:]
@@ -110,14 +112,26 @@ def encode_stack(
     if config.input_mode != "appearance":
         first = gray[:, :1] if previous is None else resize_frames(previous.to(gray.device), *target)[:, None]
         sequence = torch.cat([first, gray], 1)  # (S, T + 1, h, w)
-        rate = motion_rate_factor(config, fps)
         if config.input_mode == "appearance+motion":
             difference = (sequence[:, 1:].to(torch.int16) - sequence[:, :-1].to(torch.int16)).abs_().float()
-            motion = difference * (config.motion_gain * rate)
+            motion = difference * _per_stream(fps, lambda rate: config.motion_gain * rate, config, gray.device)
         else:
-            motion = flow_magnitude(sequence, flow or config.flow_preset) * (255.0 * rate / config.flow_scale_px)
+            motion = flow_magnitude(sequence, flow or config.flow_preset)
+            motion = motion * _per_stream(fps, lambda rate: 255.0 * rate / config.flow_scale_px, config, gray.device)
         channels.append(motion.clamp_(0, 255).to(torch.uint8))
     return torch.stack(channels, 2)
+
+
+def _per_stream(
+    fps: float | Sequence[float | None] | None, factor: Callable[[float], float], config: ModelConfig,
+    device: torch.device,
+) -> float | torch.Tensor:
+    """The motion scale ``factor(rate)`` for one fps, or an (S, 1, 1, 1) tensor of each stream's; each
+    computed in Python floats first, so one stream's channel is the same alone or in a stack."""
+    if fps is None or isinstance(fps, (int, float)):
+        return factor(motion_rate_factor(config, fps))
+    scales = [factor(motion_rate_factor(config, rate)) for rate in fps]
+    return torch.tensor(scales, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
 
 
 def encode_frames_torch(
