@@ -9,6 +9,13 @@ are waiting, and runs ``PatchScorer.raw_scores`` on the concatenation in a dedic
 queue up, so under load batches fill without waiting. Jobs are taken in arrival order and never split;
 a job larger than ``max_batch_patches`` runs alone (raw_scores then chunks it).
 
+Frames to encode on the device (``score_frames``; the torch encoding, model/torch_encoding.py) are jobs
+too: the inference thread encodes the chunks of every stream in a batch in one pass
+(model.scoring.prepare_streams), runs the unchanged-patch test, and sends all their patches through
+the networks together, so hundreds of single-frame streams share one encoding pass and one forward
+pass instead of each paying a GPU pass of its own. With the OpenCV encoding, requests prepare their
+patches in worker threads (the CPU's cores) and submit the patches (``score``).
+
 Admission control: ``max_queue`` bounds the scoring *requests* admitted at once (a clip upload, a
 single frame, one WebSocket frame: each holds one admission until its last patch is scored). Each
 admitted request has at most one job queued, so the queue never holds more than ``max_queue`` jobs.
@@ -24,8 +31,14 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from typing import Any
+
+import numpy as np
 import torch
 
+from model.encoding import processing_size
+from model.patches import GridShape, grid_shape
+from model.scoring import FrameStream, prepare_streams
 from service.background import cancel_and_wait
 from service.errors import InferenceFailed, NotReady, Overloaded
 from service.metrics import Metrics
@@ -53,13 +66,15 @@ class Admission:
 @dataclass(eq=False)
 class _Job:
     model: ServingModel
-    patches: torch.Tensor
+    patches: torch.Tensor | None  # None: ``chunk``'s patches are prepared in the batch
     enqueued: float
-    future: asyncio.Future[torch.Tensor] = field(repr=False)
+    future: asyncio.Future[Any] = field(repr=False)
+    chunk: tuple[FrameStream, np.ndarray] | None = None
+    chunk_patches: int = 0  # most patches ``chunk`` can give: every patch of every frame
 
     @property
     def size(self) -> int:
-        return int(self.patches.shape[0])
+        return int(self.patches.shape[0]) if self.patches is not None else self.chunk_patches
 
 
 class Batcher:
@@ -114,10 +129,26 @@ class Batcher:
         """(N, C, P, P) patches -> (N, 3) raw components, computed in a shared batch with ``model``."""
         if patches.shape[0] == 0:
             return torch.empty(0, 3)
+        return await self._submit(model, patches)
+
+    async def score_frames(
+        self, model: ServingModel, stream: FrameStream, gray: np.ndarray,
+    ) -> tuple[torch.Tensor, GridShape, int]:
+        """A chunk of ``stream``'s (T, H, W) frames, prepared (encoded on the device, unchanged patches
+        left out) together with the other chunks of its batch -> (raw components of the patches
+        scored, grid, T), for ``stream.finish``. ``stream`` must have no other chunk in flight."""
+        config = model.scorer.config
+        grid = grid_shape(*processing_size(*gray.shape[1:], config), config.patch_size, config.stride)
+        return await self._submit(model, None, (stream, gray), gray.shape[0] * grid.rows * grid.cols)
+
+    async def _submit(
+        self, model: ServingModel, patches: torch.Tensor | None,
+        chunk: tuple[FrameStream, np.ndarray] | None = None, chunk_patches: int = 0,
+    ) -> Any:
         if self._task is None or self._wakeup is None:
             raise NotReady("the batcher is not running")
         loop = asyncio.get_running_loop()
-        job = _Job(model, patches, loop.time(), loop.create_future())
+        job = _Job(model, patches, loop.time(), loop.create_future(), chunk, chunk_patches)
         self._pending.append(job)
         self._wakeup.set()
         return await job.future  # a cancelled caller cancels the future; the collector skips it
@@ -173,11 +204,19 @@ class Batcher:
         self._pending = keep
         return batch
 
-    def _forward(self, model: ServingModel, parts: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+    def _forward(self, model: ServingModel, batch: list[_Job]) -> tuple[list[Any], float]:
+        """The batch's results in job order: raw components (patch jobs) or (raw, grid, T) (chunks)."""
         started = time.perf_counter()
+        chunks = [job.chunk for job in batch if job.chunk is not None]
+        prepared = iter(prepare_streams(chunks)) if chunks else iter(())
+        plans = [job.patches if job.patches is not None else next(prepared) for job in batch]
+        parts = [plan if isinstance(plan, torch.Tensor) else plan[0] for plan in plans]
         patches = parts[0] if len(parts) == 1 else torch.cat(parts)
         raw = model.scorer.raw_scores(patches, batch_size=self.max_batch_patches)
-        return list(raw.split([p.shape[0] for p in parts])), time.perf_counter() - started
+        results = []
+        for plan, part in zip(plans, raw.split([p.shape[0] for p in parts])):
+            results.append(part if isinstance(plan, torch.Tensor) else (part, plan[1], plan[2]))
+        return results, time.perf_counter() - started
 
     async def _execute(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
@@ -187,9 +226,7 @@ class Batcher:
         self.metrics.batch_patches.observe(sum(j.size for j in batch))
         self.metrics.batch_jobs.observe(len(batch))
         try:
-            results, seconds = await loop.run_in_executor(
-                self._executor, self._forward, batch[0].model, [j.patches for j in batch]
-            )
+            results, seconds = await loop.run_in_executor(self._executor, self._forward, batch[0].model, batch)
         except asyncio.CancelledError:
             for job in batch:
                 if not job.future.done():
