@@ -132,6 +132,7 @@ def full_path_speed(loaded: registry.LoadedVersion, footage: Footage, device: to
     for _ in range(rounds):
         for encoding, scorer in scorers.items():
             last[encoding] = full_path(scorer, footage, scorer.skip)
+            last[encoding].pop("scores")
             rates[encoding].append(last[encoding]["frames_per_s"])
     out: dict[str, Any] = {"rounds": rounds, "device": str(device)}
     for encoding in scorers:

@@ -20,7 +20,7 @@ from model.offline import scorer_for
 from model.scoring import SkipUnchanged
 from service.bench.ablation import ablation
 from service.bench.footage import Footage, default_dataset_root
-from service.bench.full_path import full_path
+from service.bench.full_path import full_path, full_path_side_by_side
 from model.cpu_features import detect_cpu_features
 from service.bench.model_path import (
     cpu_precisions_here, cuda_section, cut_patches, model_path, naive_loop, precision_path, required_flops,
@@ -144,6 +144,15 @@ def _run_bench(
     if scorer.skip is not None or not quick:
         other = SkipUnchanged() if scorer.skip is None else None
         result["full_alternative"] = full_path(scorer, footage, other)
+    if scorer.encoding == "torch":  # every clip at once, one encoding pass per round on the device
+        result["full_side_by_side"] = full_path_side_by_side(scorer, footage, scorer.skip)
+        side = result["full_side_by_side"]
+        pairs = zip((s for clip in side.pop("scores") for s in clip), (s for clip in full["scores"] for s in clip))
+        side["max_score_difference_from_full"] = max(abs(a - b) for a, b in pairs)
+        say(f"full path, {len(footage.clips)} clips side by side: {side['frames_per_s']} frames/s, "
+            f"EER {side.get('eer')} AUC {side.get('auc')}, scores within {side['max_score_difference_from_full']:.2g} of clip after clip")
+    for key in ("full", "full_alternative"):
+        result.get(key, {}).pop("scores", None)
     naive["speedup"] = round(full["frames_per_s"] / naive["frames_per_s"], 2)
     encode_s = full["encode_ms_per_frame"] / 1e3
     model_only_full = 1.0 / max(1.0 / full["frames_per_s"] - encode_s, 1e-9)

@@ -66,3 +66,20 @@ def test_one_chunk_per_stream() -> None:
     chunk = frames(0, 1)
     with pytest.raises(ValueError, match="one chunk per stream"):
         prepare_streams([(stream, chunk), (stream, chunk)])
+
+
+def test_clips_side_by_side_score_as_clip_after_clip() -> None:
+    """The bench's batched full path (every clip a stream, one encoding pass per round) gives the
+    sequential full path's scores, here on synthetic clips of different lengths."""
+    from service.bench.footage import Footage
+    from service.bench.full_path import full_path, full_path_side_by_side
+
+    loaded = registry.load_version(registry.BUNDLED_WEIGHTS_DIR, "v0003", "cpu")
+    scorer = scorer_for(loaded, "cpu", encoding="torch")
+    footage = Footage(None, None, 0)
+    footage.clips = [(str(seed), frames(seed, count, 64, 96), None, []) for seed, count in ((1, 7), (2, 3), (3, 5))]
+    one_by_one = full_path(scorer, footage, scorer.skip)
+    together = full_path_side_by_side(scorer, footage, scorer.skip, chunk_frames=2)
+    assert [len(clip) for clip in together["scores"]] == [7, 3, 5]
+    assert together["scores"] == one_by_one["scores"]
+    assert together["scored_patch_share"] == one_by_one["scored_patch_share"]
