@@ -25,6 +25,7 @@ from service.events.webhooks import WebhookOutbox
 from service.jobs.service import TrainingService
 from service.metrics import Metrics
 from service.model_store import ModelStore
+from service.replicas import Replica
 from service.routes import cameras, clips, events, frames, health, models, stream, training_jobs
 from service.settings import Settings, get_settings
 from service.ui import mount_ui
@@ -66,17 +67,18 @@ class RequestMetricsMiddleware:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     metrics = Metrics()
+    replica = Replica(settings)  # this server among those sharing the database: heartbeat, camera and webhook shares
     services = Services(
         settings=settings,
         metrics=metrics,
         store=ModelStore(settings, metrics),
         batcher=Batcher(settings.max_batch_patches, settings.max_queue_delay_s, settings.max_queue, metrics),
-        events=EventRecorder(settings, metrics),
+        events=EventRecorder(settings, metrics, replica),
     )
     # VAD_CAMERA_URL_ALLOW is parsed here: a malformed entry stops the server from starting
-    services.cameras = CameraManager(settings, metrics, services.store, services.batcher, services.events)
+    services.cameras = CameraManager(settings, metrics, services.store, services.batcher, services.events, replica)
     training = TrainingService(settings, metrics, services.store)  # training jobs: queue + activation policy
-    webhooks = WebhookOutbox(settings, metrics)  # VAD_WEBHOOK_URLS: opened/closed events, from a persistent outbox
+    webhooks = WebhookOutbox(settings, metrics, replica)  # VAD_WEBHOOK_URLS: opened/closed events, from a persistent outbox
     webhooks.attach(services.events.bus)
 
     @asynccontextmanager
@@ -84,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         services.upload_dir = Path(tempfile.mkdtemp(prefix="vad-uploads-"))
         await services.batcher.start()
         try:
+            await replica.start()  # before the events: live replicas' open events are theirs
             await webhooks.start()  # before the events: their start closes (publishes) what a crash left open
             await services.events.start()
             await services.store.start()
@@ -96,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await services.store.stop()
             await services.events.stop()
             await webhooks.stop()
+            await replica.stop()  # last: the others see it gone, and take over, at once
             await services.batcher.stop()
             shutil.rmtree(services.upload_dir, ignore_errors=True)
 
@@ -106,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = services
+    app.state.replica = replica
     app.state.training = training
     install_error_handlers(app, settings.retry_after_s)
     for module in (health, models, clips, frames, stream, training_jobs, events, cameras):

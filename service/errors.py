@@ -151,6 +151,12 @@ class TooManyCameras(ServiceError):
     code = "too_many_cameras"
 
 
+class CameraElsewhere(ServiceError):
+    """A camera's live picture, asked of a replica that does not run it (several replicas share the cameras)."""
+
+    code = "camera_elsewhere"
+
+
 class NoCameraFrame(ServiceError):
     """A camera's latest picture, asked for before its first scored frame."""
 
@@ -172,6 +178,7 @@ HTTP_STATUS: dict[type[ServiceError], int] = {
     CameraExists: 409,
     TooManyCameras: 409,
     NoCameraFrame: 404,
+    CameraElsewhere: 409,
     InvalidJobRequest: 422,
     UploadTooLarge: 413,
     UnsupportedMedia: 415,

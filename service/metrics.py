@@ -90,6 +90,10 @@ class Metrics:
             "vad_camera_lag_seconds", "From a camera frame's capture to its score.",
             ["camera"], buckets=LAG_BUCKETS, registry=r,
         )
+        self.replica_cameras = Gauge(
+            "vad_replica_cameras", "Cameras this replica runs (holds the lease of); the replicas' sum is the enabled cameras.",
+            registry=r,
+        )
         # Events and their delivery
         self.events_opened = Counter("vad_events_opened", "Events opened.", ["source"], registry=r)
         self.events_closed = Counter("vad_events_closed", "Events closed.", ["source"], registry=r)

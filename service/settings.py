@@ -141,6 +141,14 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(5.0, gt=0, description="Seconds one delivery may take.")
     webhook_outbox_max: int = Field(10_000, ge=1, description="Deliveries waiting at most; beyond it the oldest are dropped.")
 
+    # Replicas: several `vad serve` on one database share the cameras and the webhook outbox (service/replicas.py)
+    replica_id: str | None = Field(
+        None, max_length=200, description="This server's name among the replicas sharing the database; unset: hostname-pid-random.",
+    )
+    replica_lease_s: float = Field(
+        15.0, gt=0, description="A replica silent this long is dead: its cameras, webhook claims and open events are taken over (it heartbeats every third of it).",
+    )
+
     # Access
     api_key: SecretStr | None = Field(None, description="When set, Bearer key required on state-changing endpoints.")
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (JSON list); none by default.")
@@ -160,6 +168,11 @@ class Settings(BaseSettings):
         if value is not None and not value.get_secret_value():
             return None
         return value
+
+    @field_validator("replica_id", mode="before")
+    @classmethod
+    def _empty_replica_id_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("footage_root", mode="before")
     @classmethod

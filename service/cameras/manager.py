@@ -1,15 +1,20 @@
-"""CameraManager: the cameras a server watches, each a reader thread (service/cameras/source.py) and
-an asyncio task that scores its frames through the shared batcher.
+"""CameraManager: the cameras this replica watches, each a reader thread (service/cameras/source.py)
+and an asyncio task that scores its frames through the shared batcher; and every camera's view, on
+whichever replica runs it.
 
 Per camera the task takes the newest frame, scores it with a ``BatchedStream`` (source label
 ``camera``; a new one when the served version changes, carrying the motion channel as a WebSocket
 stream does), records the camera's metrics (frames, anomalous frames, capture-to-score lag), keeps
 the latest frame and result for ``latest.jpg`` / ``latest-heatmap.png``, and reports every scored
-frame to the event recorder (``events.source("camera", name)``), whose open event it finishes when
-the camera stops. A frame that finds the batcher full, or no model loaded, is dropped and counted.
+frame to the event recorder (``events.source("camera", name)``, fenced by the camera's lease), whose
+open event it finishes when the camera stops here. A frame that finds the batcher full, or no model
+loaded, is dropped and counted.
 
-Changes go to the store (service/cameras/store.py) first, then to the running cameras; ``start``
-restores the stored cameras.
+Which cameras run here is the database's to say (service/cameras/leases.py): ``reconcile``, at start,
+after every change made through this replica and at every heartbeat (service/replicas.py), renews this
+replica's leases, claims its share of the free cameras and runs exactly the ones it holds, as stored:
+a camera changed or deleted through any replica is restarted or stopped here within a heartbeat.
+Changes go to the store first (service/cameras/store.py), then ``reconcile`` applies them.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,24 +30,28 @@ import numpy as np
 from model.results import FrameResult
 from service.background import cancel_and_wait
 from service.batcher import Batcher
+from service.cameras.leases import Assignment, CameraLeases, Lease, Placement
 from service.cameras.source import DISABLED, FAILED, STATES, Backoff, CameraSource, SourceStatus
-from service.cameras.store import Camera, CameraExistsError, CameraStore
+from service.cameras.store import Camera, CameraExistsError, CameraLimitError, CameraStore
 from service.cameras.urls import UrlPolicy, redact
-from service.database import database_for
+from service.database import database_errors, database_for
 from service.errors import (
-    CameraExists, CameraNotFound, FrameTooSmall, NoCameraFrame, Overloaded, ServiceError, TooManyCameras,
+    CameraElsewhere, CameraExists, CameraNotFound, FrameTooSmall, NoCameraFrame, Overloaded, ServiceError,
+    TooManyCameras,
 )
-from service.events.recorder import EventRecorder
+from service.events.recorder import EventRecorder, SourceEvents
 from service.events.store import iso_utc
 from service.metrics import Metrics
 from service.model_store import ModelStore, ServingModel
 from service.pipeline import BatchedStream
 from service.rendering import MapGeometry, frame_jpeg, heatmap_png
+from service.replicas import Replica
 from service.settings import Settings
 
 log = logging.getLogger("vad.cameras")
 SOURCE_CAMERA = "camera"
 LATEST_MAX_SIDE = 640  # latest.jpg / latest-heatmap.png are shrunk to this
+UNASSIGNED = "unassigned"  # the view of an enabled camera no live replica holds (yet)
 
 
 @dataclass
@@ -57,9 +66,12 @@ class Latest:
 
 @dataclass
 class _Watch:
-    """One camera as it runs: its stored record, its reader, its scoring task and what it saw last."""
+    """One camera as it runs here: its stored record and lease generation, its reader, its scoring
+    task, its events and what it saw last."""
 
     camera: Camera
+    generation: int
+    events: SourceEvents
     status: SourceStatus = field(default_factory=SourceStatus)
     source: CameraSource | None = None
     task: asyncio.Task[None] | None = None
@@ -70,118 +82,206 @@ class _Watch:
 
 class CameraManager:
     def __init__(
-        self, settings: Settings, metrics: Metrics, models: ModelStore, batcher: Batcher, events: EventRecorder
+        self, settings: Settings, metrics: Metrics, models: ModelStore, batcher: Batcher, events: EventRecorder,
+        replica: Replica,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.models = models
         self.batcher = batcher
         self.events = events
+        self.replica = replica
         self.policy = UrlPolicy(settings.camera_url_allow, settings.footage_root)  # ValueError: a bad entry
-        self.store = CameraStore(database_for(settings))
+        database = database_for(settings)
+        self.store = CameraStore(database)
+        self.leases = CameraLeases(database)
         self.backoff = Backoff(settings.camera_reconnect_initial_s, settings.camera_reconnect_max_s,
                                settings.camera_open_timeout_s)
-        self.watches: dict[str, _Watch] = {}
-        self._lock = asyncio.Lock()  # one change at a time
+        self.watches: dict[str, _Watch] = {}  # the cameras running here
+        self._lock = asyncio.Lock()  # one reconcile or change at a time
+        self._held_until = 0.0  # time.monotonic() when this replica's leases lapse unless renewed
+        self._stopped = False
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Restore the stored cameras (an unreadable URL now refused shows as ``failed``)."""
-        for camera in await asyncio.to_thread(self.store.list):
-            await self._launch(camera)
+        """Claim this replica's share of the stored cameras (an unreadable URL now refused shows as
+        ``failed``), then follow the table at every heartbeat."""
+        await self.reconcile()
+        self.replica.on_tick(self.reconcile)
 
     async def stop(self) -> None:
-        for name in list(self.watches):
-            await self._halt(self.watches.pop(name))
+        """Stop every camera here (their open events close), then give their leases back at once."""
+        async with self._lock:
+            self._stopped = True
+            held = [Lease(watch.camera, watch.generation) for watch in self.watches.values()]
+            for name in list(self.watches):
+                await self._halt(self.watches.pop(name))
+            try:
+                await asyncio.to_thread(self.leases.release, self.replica.id, held)
+            except database_errors():
+                log.warning("cameras: could not release %d leases at stop; they expire in %.0f s",
+                            len(held), self.replica.lease_s)
+            self.metrics.replica_cameras.set(0)
 
     # --- the API's operations -------------------------------------------------------------------
 
-    def list(self) -> list[dict[str, Any]]:
-        return [self.view(name) for name in sorted(self.watches)]
+    async def list(self) -> list[dict[str, Any]]:
+        placements = await asyncio.to_thread(self.leases.placements, time.time())
+        return [self._view(placement) for placement in placements]
 
-    def view(self, name: str) -> dict[str, Any]:
-        watch = self._watch(name)
-        camera, status = watch.camera, watch.status
+    async def view(self, name: str) -> dict[str, Any]:
+        return self._view(await self._placement(name))
+
+    async def add(self, name: str, url: str, fps: float, enabled: bool) -> dict[str, Any]:
+        self.policy.check(url)
+        limit = self.settings.max_cameras * len(await asyncio.to_thread(self.replica.store.live, self.replica.live_since()))
+        try:
+            await asyncio.to_thread(self.store.add, name, url, fps, enabled, max(limit, self.settings.max_cameras))
+        except CameraExistsError:
+            raise CameraExists(f"a camera named {name!r} exists") from None
+        except CameraLimitError:
+            raise TooManyCameras(f"the servers watch at most {self.settings.max_cameras} cameras each (VAD_MAX_CAMERAS, "
+                                 f"here {max(limit, self.settings.max_cameras)} in all); delete one first") from None
+        log.info("camera %s added: %s at %g fps%s", name, redact(url), fps, "" if enabled else " (disabled)")
+        await self.reconcile()  # run here at once when this replica has room
+        return await self.view(name)
+
+    async def update(self, name: str, url: str | None, fps: float | None, enabled: bool | None) -> dict[str, Any]:
+        if url is not None:
+            self.policy.check(url)
+        old = (await self._placement(name)).camera
+        changed = Camera(name, url if url is not None else old.url, fps if fps is not None else old.fps,
+                         enabled if enabled is not None else old.enabled, old.created_at, old.updated_at)
+        await asyncio.to_thread(self.store.update, changed)
+        await self.reconcile()  # restarted here if it runs here; elsewhere at its replica's next heartbeat
+        return await self.view(name)
+
+    async def delete(self, name: str) -> None:
+        if not await asyncio.to_thread(self.store.delete, name):
+            raise CameraNotFound(f"no camera named {name!r}")
+        await self.reconcile()
+        log.info("camera %s deleted", name)
+
+    async def latest_jpeg(self, name: str) -> bytes:
+        latest = await self._latest(name)
+        return frame_jpeg(latest.gray, LATEST_MAX_SIDE)
+
+    async def latest_heatmap(self, name: str) -> bytes:
+        latest = await self._latest(name)
+        height, width = latest.gray.shape
+        geometry = MapGeometry.of(latest.model.scorer.config, height, width)
+        return heatmap_png(latest.gray, latest.result.map, geometry, LATEST_MAX_SIDE)
+
+    # --- views ----------------------------------------------------------------------------------
+
+    async def _placement(self, name: str) -> Placement:
+        found = await asyncio.to_thread(self.leases.placements, time.time(), name)
+        if not found:
+            raise CameraNotFound(f"no camera named {name!r}")
+        return found[0]
+
+    def _view(self, placement: Placement) -> dict[str, Any]:
+        """A camera as the API shows it: from memory where it runs here, else as its owner last wrote."""
+        camera, watch = placement.camera, self.watches.get(placement.camera.name)
+        if watch is not None:
+            status, owner = asdict(watch.status), self.replica.id
+        else:
+            status, owner = {**asdict(SourceStatus()), **(placement.status or {})}, placement.owner
+            if not camera.enabled:
+                status["state"] = DISABLED
+            elif owner is None:
+                status["state"] = UNASSIGNED
         return {
             "name": camera.name, "url": redact(camera.url), "fps": camera.fps, "enabled": camera.enabled,
-            "state": status.state, "last_frame_at": _iso(status.last_frame_at),
-            "frames_scored": status.frames_scored, "frames_anomalous": status.frames_anomalous,
-            "frames_dropped": status.frames_dropped, "reconnects": status.reconnects,
-            "last_error": status.last_error,
+            "owner": owner, "state": status["state"], "last_frame_at": _iso(status["last_frame_at"]),
+            "frames_scored": status["frames_scored"], "frames_anomalous": status["frames_anomalous"],
+            "frames_dropped": status["frames_dropped"], "reconnects": status["reconnects"],
+            "last_error": status["last_error"],
             "created_at": _iso(camera.created_at), "updated_at": _iso(camera.updated_at),
             "latest_url": f"/v1/cameras/{camera.name}/latest.jpg",
             "latest_heatmap_url": f"/v1/cameras/{camera.name}/latest-heatmap.png",
         }
 
-    async def add(self, name: str, url: str, fps: float, enabled: bool) -> dict[str, Any]:
-        self.policy.check(url)
+    # --- which cameras run here -----------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Renew, claim, give up the surplus (see service/cameras/leases.py), then run here exactly
+        the cameras this replica holds, as stored."""
         async with self._lock:
-            if name in self.watches:
-                raise CameraExists(f"a camera named {name!r} exists")
-            if len(self.watches) >= self.settings.max_cameras:
-                raise TooManyCameras(f"the server watches at most {self.settings.max_cameras} cameras "
-                                     "(VAD_MAX_CAMERAS); delete one first")
+            if self._stopped:
+                return
+            asked_at = time.monotonic()
+            statuses = {name: (watch.generation, asdict(watch.status)) for name, watch in self.watches.items()}
             try:
-                camera = await asyncio.to_thread(self.store.add, name, url, fps, enabled)
-            except CameraExistsError:
-                raise CameraExists(f"a camera named {name!r} exists") from None
-            await self._launch(camera)
-        log.info("camera %s added: %s at %g fps%s", name, redact(url), fps, "" if enabled else " (disabled)")
-        return self.view(name)
+                assignment = await asyncio.to_thread(
+                    self.leases.assign, self.replica.id, time.time(), self.replica.lease_s, self.settings.max_cameras,
+                    statuses,
+                )
+            except database_errors():
+                if self.watches and time.monotonic() > self._held_until:
+                    log.error("cameras: leases unrenewed for %.0f s: stopping the %d cameras here (another replica "
+                              "may hold them now)", self.replica.lease_s, len(self.watches))
+                    await self._run_only({})
+                raise
+            self._held_until = asked_at + self.replica.lease_s
+            await self._apply(assignment)
 
-    async def update(self, name: str, url: str | None, fps: float | None, enabled: bool | None) -> dict[str, Any]:
-        if url is not None:
-            self.policy.check(url)
-        async with self._lock:
-            old = self._watch(name)
-            changed = Camera(name, url if url is not None else old.camera.url, fps if fps is not None else old.camera.fps,
-                             enabled if enabled is not None else old.camera.enabled,
-                             old.camera.created_at, old.camera.updated_at)
-            camera = await asyncio.to_thread(self.store.update, changed)
-            await self._halt(self.watches.pop(name))
-            await self._launch(camera)
-        return self.view(name)
+    async def _apply(self, assignment: Assignment) -> None:
+        for lease in assignment.surplus:
+            if lease.camera.name in self.watches:
+                await self._halt(self.watches.pop(lease.camera.name), forget=True)
+        if assignment.surplus:
+            names = ", ".join(lease.camera.name for lease in assignment.surplus)
+            log.info("cameras: %s given up (this replica's share is %d of %d live replicas)", names,
+                     assignment.share, assignment.live_replicas)
+            await asyncio.to_thread(self.leases.release, self.replica.id, assignment.surplus)
+        gone = await self._run_only(assignment.held)
+        if gone:  # disabled, deleted or taken over: free again if still ours (fenced by generation)
+            await asyncio.to_thread(self.leases.release, self.replica.id, gone)
 
-    async def delete(self, name: str) -> None:
-        async with self._lock:
-            self._watch(name)
-            await asyncio.to_thread(self.store.delete, name)
-            await self._halt(self.watches.pop(name))
-            self._forget_metrics(name)
-        log.info("camera %s deleted", name)
-
-    def latest_jpeg(self, name: str) -> bytes:
-        latest = self._latest(name)
-        return frame_jpeg(latest.gray, LATEST_MAX_SIDE)
-
-    def latest_heatmap(self, name: str) -> bytes:
-        latest = self._latest(name)
-        height, width = latest.gray.shape
-        geometry = MapGeometry.of(latest.model.scorer.config, height, width)
-        return heatmap_png(latest.gray, latest.result.map, geometry, LATEST_MAX_SIDE)
+    async def _run_only(self, held: dict[str, Lease]) -> list[Lease]:
+        """Stop what runs here but is not held (or not as held), start what is held; the leases stopped."""
+        stopped = []
+        for name, watch in list(self.watches.items()):
+            lease = held.get(name)
+            if lease is None or (lease.camera, lease.generation) != (watch.camera, watch.generation):
+                await self._halt(self.watches.pop(name), forget=lease is None)
+                if lease is None:
+                    stopped.append(Lease(watch.camera, watch.generation))
+        for name, lease in held.items():
+            if name not in self.watches:
+                await self.events.close_left_open(SOURCE_CAMERA, name)  # by a replica that held it before
+                await self._launch(lease)
+        self.metrics.replica_cameras.set(len(self.watches))
+        return stopped
 
     # --- running cameras ------------------------------------------------------------------------
 
-    def _watch(self, name: str) -> _Watch:
+    async def _latest(self, name: str) -> Latest:
+        """A camera's latest scored frame, kept only in the memory of the replica that runs it:
+        CameraElsewhere (naming that replica) on the others, NoCameraFrame where it runs nowhere now,
+        CameraNotFound for an unknown camera."""
         watch = self.watches.get(name)
         if watch is None:
-            raise CameraNotFound(f"no camera named {name!r}")
-        return watch
-
-    def _latest(self, name: str) -> Latest:
-        latest = self._watch(name).latest
-        if latest is None:
+            placement = await self._placement(name)
+            if placement.owner is None:
+                why = "it is disabled" if not placement.camera.enabled else "it waits for a replica to take it"
+                raise NoCameraFrame(f"camera {name!r} has no scored frame: it runs on no replica now ({why})")
+            raise CameraElsewhere(f"camera {name!r} runs on replica {placement.owner!r}, not on this one "
+                                  f"({self.replica.id!r}): its latest frame is served there")
+        if watch.latest is None:
             raise NoCameraFrame(f"camera {name!r} has no scored frame yet")
-        return latest
+        return watch.latest
 
-    async def _launch(self, camera: Camera) -> None:
-        watch = _Watch(camera)
+    async def _launch(self, lease: Lease) -> None:
+        camera, generation = lease.camera, lease.generation
+        events = self.events.source(
+            SOURCE_CAMERA, camera.name,
+            fence=lambda connection: self.leases.holds(connection, camera.name, self.replica.id, generation),
+        )
+        watch = _Watch(camera, generation, events)
         self.watches[camera.name] = watch
-        if not camera.enabled:
-            watch.status.state = DISABLED
-            self._record_state(watch)
-            return
         try:
             self.policy.check(camera.url)
         except ServiceError as exc:  # stored before the allowlist or footage root changed
@@ -199,19 +299,21 @@ class CameraManager:
         watch.task = asyncio.create_task(self._score_frames(watch, source), name=f"vad-camera-{camera.name}")
         source.start()
 
-    async def _halt(self, watch: _Watch) -> None:
-        """Stop a camera's reader and task; its open event (if any) closes."""
+    async def _halt(self, watch: _Watch, forget: bool = False) -> None:
+        """Stop a camera's reader and task; its open event (if any) closes (fenced: not when another
+        replica holds the camera now). ``forget``: it stops running here, its metrics go too."""
         await cancel_and_wait(watch.task)
         if watch.source is not None:
             await asyncio.to_thread(watch.source.stop)
         try:
-            await self.events.source(SOURCE_CAMERA, watch.camera.name).finish()
+            await watch.events.finish()
         except Exception:
             log.exception("closing camera %s's open event failed", watch.camera.name)
+        if forget:
+            self._forget_metrics(watch.camera.name)
 
     async def _score_frames(self, watch: _Watch, source: CameraSource) -> None:
-        name = watch.camera.name
-        events = self.events.source(SOURCE_CAMERA, name)
+        name, events = watch.camera.name, watch.events
         while True:
             frame = await source.next_frame()
             model = self.models.current

@@ -33,29 +33,38 @@ class CameraExistsError(Exception):
     pass
 
 
-def _camera(row: Any) -> Camera:
+class CameraLimitError(Exception):
+    """The table already holds as many cameras as allowed."""
+
+
+def camera_from_row(row: Any) -> Camera:
     return Camera(row["name"], row["url"], row["fps"], bool(row["enabled"]), row["created_at"], row["updated_at"])
 
 
 class CameraStore:
-    """One table, a fresh connection per call (like the job store)."""
+    """One table, a fresh connection per call (like the job store). Which replica runs each camera
+    is kept in the same rows, by service/cameras/leases.py."""
 
     def __init__(self, database: Database) -> None:
         self.database = database
 
     def list(self) -> list[Camera]:
         with self.database.read() as db:
-            return [_camera(row) for row in db.execute(f"SELECT {COLUMNS} FROM cameras ORDER BY name")]
+            return [camera_from_row(row) for row in db.execute(f"SELECT {COLUMNS} FROM cameras ORDER BY name")]
 
     def get(self, name: str) -> Camera | None:
         with self.database.read() as db:
             row = db.execute(f"SELECT {COLUMNS} FROM cameras WHERE name = ?", (name,)).fetchone()
-        return _camera(row) if row else None
+        return camera_from_row(row) if row else None
 
-    def add(self, name: str, url: str, fps: float, enabled: bool) -> Camera:
-        """CameraExistsError when the name is taken."""
+    def add(self, name: str, url: str, fps: float, enabled: bool, limit: int | None = None) -> Camera:
+        """CameraExistsError when the name is taken; CameraLimitError when the table already holds
+        ``limit`` cameras (counted in the same transaction, so replicas adding at once keep to it)."""
         now = time.time()
         with self.database.write() as db:
+            if limit is not None and db.execute("SELECT COUNT(*) AS n FROM cameras").fetchone()["n"] >= limit:
+                if db.execute("SELECT 1 FROM cameras WHERE name = ?", (name,)).fetchone() is None:
+                    raise CameraLimitError(name)
             added = db.execute(
                 f"INSERT INTO cameras ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
                 (name, url, fps, int(enabled), now, now),

@@ -113,6 +113,23 @@ CREATE TABLE IF NOT EXISTS webhook_outbox (
 );
 CREATE INDEX IF NOT EXISTS webhook_outbox_url ON webhook_outbox (url, seq)
 """),
+    # Several `vad serve` replicas on one database (service/replicas.py): who is alive, which replica
+    # runs each camera (a lease: owner, generation, expiry; the owner's last status for the others to
+    # show), which replica opened each event, and which replica is sending each webhook delivery.
+    Migration(2, "replicas, camera leases, the replica of each event, webhook delivery claims", """
+CREATE TABLE replicas (
+    id {binary_text} PRIMARY KEY,
+    started_at {float_type} NOT NULL,
+    last_seen {float_type} NOT NULL
+);
+ALTER TABLE cameras ADD COLUMN owner TEXT;
+ALTER TABLE cameras ADD COLUMN lease_generation INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE cameras ADD COLUMN lease_until {float_type};
+ALTER TABLE cameras ADD COLUMN status TEXT;
+CREATE INDEX cameras_owner ON cameras (owner);
+ALTER TABLE events ADD COLUMN replica TEXT;
+ALTER TABLE webhook_outbox ADD COLUMN claimed_by TEXT
+"""),
 )
 
 

@@ -24,11 +24,12 @@ from model.config import ModelConfig
 from model.results import FrameResult
 from service.database import database_for
 from service.events.bus import EventBus
-from service.events.store import EventRecord, EventStore
+from service.events.store import EventRecord, EventStore, Fence
 from service.events.tracker import Change, EventTracker, Observation, Run
 from service.metrics import EVENT_SOURCES, Metrics
 from service.model_store import ServingModel
 from service.rendering import MapGeometry, frame_jpeg, heatmap_png
+from service.replicas import Replica
 from service.settings import Settings
 
 log = logging.getLogger("vad.events")
@@ -36,6 +37,7 @@ log = logging.getLogger("vad.events")
 UPDATE_INTERVAL_S = 2.0  # an open event's row, pictures and `updated` change at most this often
 RETENTION_INTERVAL_S = 600.0  # how often old events are pruned (and once at startup)
 PICTURE_MAX_SIDE = 960  # snapshots and heatmaps are shrunk to this longer side
+ORPHAN_GRACE_S = 600.0  # picture folders without a row are removed at startup once this old
 
 
 @dataclass(frozen=True)
@@ -59,12 +61,16 @@ def render_pictures(picture: PeakPicture) -> tuple[bytes, bytes]:
 class SourceEvents:
     """The events of one source. Its owner calls ``observe`` for each scored frame, in order, one
     call at a time, and ``finish`` when the source ends. The frame passed in is kept by reference
-    (the peak's picture), so it must not be modified afterwards."""
+    (the peak's picture), so it must not be modified afterwards.
 
-    def __init__(self, recorder: "EventRecorder", kind: str, name: str) -> None:
+    ``fence`` (a camera's lease) is checked in every write's transaction: once it refuses, or once
+    another replica has closed the event, nothing of this event is written or published any more."""
+
+    def __init__(self, recorder: "EventRecorder", kind: str, name: str, fence: Fence | None = None) -> None:
         self.recorder = recorder
         self.kind = kind
         self.name = name
+        self.fence = fence
         settings = recorder.settings
         self.tracker: EventTracker[PeakPicture] = EventTracker(
             settings.event_open_frames, settings.event_window_frames, settings.event_close_frames,
@@ -74,6 +80,7 @@ class SourceEvents:
         self._drawn_peak: Observation[PeakPicture] | None = None  # the peak its pictures show
         self._stored_at = 0.0  # time.monotonic() of the last store of the open event
         self._lock = asyncio.Lock()
+        self._lost = False  # a write of the open event was refused: it is not this replica's to record any more
         self.opened: list[str] = []  # ids of the events this source opened, in order
 
     async def observe(self, gray: np.ndarray, result: FrameResult, model: ServingModel, captured_at: float) -> None:
@@ -101,19 +108,20 @@ class SourceEvents:
                 id=uuid.uuid4().hex, camera=self.name, source=self.kind, state="open",
                 start_at=run.start.at, end_at=None, last_at=run.end.at, peak_score=run.peak.score,
                 peak_frame=run.peak.index, model_version=run.peak.picture.version, frames=run.frames,
+                replica=self.recorder.replica.id,
             )
-            self._drawn_peak = None
+            self._drawn_peak, self._lost = None, False
             self.opened.append(self.record.id)
-            await self._store(run, last_at=run.end.at)
-            self.recorder.metrics.events_opened.labels(self.kind).inc()
             self.recorder._open.add(self)
-            self.recorder.publish("opened", self.record)
+            if await self._store(run, last_at=run.end.at):
+                self.recorder.metrics.events_opened.labels(self.kind).inc()
+                self.recorder.publish("opened", self.record)
         else:
             assert self.record is not None
             self.record.state, self.record.end_at = "closed", run.end.at
-            await self._store(run, last_at=run.end.at)
-            self.recorder.metrics.events_closed.labels(self.kind).inc()
-            self.recorder.publish("closed", self.record)
+            if await self._store(run, last_at=run.end.at):
+                self.recorder.metrics.events_closed.labels(self.kind).inc()
+                self.recorder.publish("closed", self.record)
             self.recorder._open.discard(self)
             self.record = None
 
@@ -122,12 +130,12 @@ class SourceEvents:
         if time.monotonic() - self._stored_at < UPDATE_INTERVAL_S:
             return
         changed = run.frames != self.record.frames or run.peak is not self._drawn_peak
-        await self._store(run, last_at=frame.at)
-        if changed:
+        if await self._store(run, last_at=frame.at) and changed:
             self.recorder.publish("updated", self.record)
 
-    async def _store(self, run: Run[PeakPicture], last_at: float) -> None:
-        """The open/closed event's row, and its pictures when its peak changed, in a worker thread."""
+    async def _store(self, run: Run[PeakPicture], last_at: float) -> bool:
+        """The open/closed event's row, and its pictures when its peak changed, in a worker thread;
+        False when it was not written (fenced off, or closed by another replica)."""
         record = self.record
         assert record is not None
         record.frames, record.last_at = run.frames, last_at
@@ -135,18 +143,28 @@ class SourceEvents:
         record.model_version = run.peak.picture.version
         peak = run.peak if run.peak is not self._drawn_peak else None
         self._stored_at = time.monotonic()
-        await asyncio.to_thread(self.recorder.persist, record, peak)
+        if self._lost:
+            return False
+        if not await asyncio.to_thread(self.recorder.persist, record, peak, self.fence):
+            self._lost = True
+            log.warning("event %s of %s %r is no longer this replica's (lease lost, or closed by another): "
+                        "not recorded further", record.id, self.kind, self.name)
+            return False
         if peak is not None:
             self._drawn_peak = peak
+        return True
 
 
 class EventRecorder:
     """Creates each source's ``SourceEvents``, owns the store and the bus, and runs the retention
-    loop. ``start`` closes the events a crash left open (published as ``closed``)."""
+    loop. ``start`` closes the events a crash left open (published as ``closed``): this replica's own
+    from an earlier run and those of dead replicas; afterwards, at every heartbeat of ``replica``,
+    those of replicas that died since. Those of live replicas are theirs to close."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, replica: Replica | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.replica = replica or Replica(settings)
         self.bus = EventBus()
         self.store = EventStore(database_for(settings), settings.data_dir)
         self._open: set[SourceEvents] = set()  # sources with an open event (closed by stop)
@@ -155,20 +173,36 @@ class EventRecorder:
         EventTracker(settings.event_open_frames, settings.event_window_frames, settings.event_close_frames,
                      settings.event_max_frames)
 
-    def source(self, kind: str, name: str) -> SourceEvents:
+    def source(self, kind: str, name: str, fence: Fence | None = None) -> SourceEvents:
         """The events of one source; ``kind`` is camera, stream or clip, ``name`` what the events'
-        ``camera`` field says (a camera's or stream's name, a clip's file name)."""
+        ``camera`` field says (a camera's or stream's name, a clip's file name); ``fence`` see
+        ``SourceEvents``."""
         if kind not in EVENT_SOURCES:
             raise ValueError(f"unknown event source {kind!r} (one of {', '.join(EVENT_SOURCES)})")
-        return SourceEvents(self, kind, name)
+        return SourceEvents(self, kind, name, fence)
 
     async def start(self) -> None:
-        for record in await asyncio.to_thread(self.store.close_dangling):
-            log.warning("event %s of %s %r was left open by the last run: closed", record.id, record.source, record.camera)
+        dangling = await asyncio.to_thread(self.store.close_dangling, self.replica.live_since(), self.replica.id)
+        self._closed_for_others(dangling, "was left open by a server that stopped")
+        await asyncio.to_thread(self.store.remove_orphan_pictures, time.time() - ORPHAN_GRACE_S)
+        self._retention = asyncio.create_task(self._retention_loop(), name="event-retention")
+        self.replica.on_tick(self.close_orphaned)
+
+    async def close_orphaned(self) -> None:
+        """Close the events of replicas that died (called at every heartbeat)."""
+        orphaned = await asyncio.to_thread(self.store.close_dangling, self.replica.live_since(), self.replica.id, False)
+        self._closed_for_others(orphaned, "was left open by a replica that died")
+
+    async def close_left_open(self, kind: str, name: str) -> None:
+        """Close what another replica left open for this source (a camera this replica takes over)."""
+        self._closed_for_others(await asyncio.to_thread(self.store.close_open, kind, name),
+                                "was left open by the camera's previous replica")
+
+    def _closed_for_others(self, records: list[EventRecord], why: str) -> None:
+        for record in records:
+            log.warning("event %s of %s %r %s: closed", record.id, record.source, record.camera, why)
             self.metrics.events_closed.labels(record.source).inc()
             self.publish("closed", record)
-        await asyncio.to_thread(self.store.remove_orphan_pictures)
-        self._retention = asyncio.create_task(self._retention_loop(), name="event-retention")
 
     async def stop(self) -> None:
         """Stop pruning and close the events still open (their sources did not finish)."""
@@ -186,11 +220,11 @@ class EventRecorder:
     def publish(self, kind: str, record: EventRecord) -> None:
         self.bus.publish(kind, record.to_json())
 
-    def persist(self, record: EventRecord, peak: Observation[PeakPicture] | None) -> None:
-        """(Worker thread) the pictures of a new peak, then the row."""
+    def persist(self, record: EventRecord, peak: Observation[PeakPicture] | None, fence: Fence | None = None) -> bool:
+        """(Worker thread) the pictures of a new peak, then the row; whether the row was written."""
         if peak is not None:
             record.picture_bytes = self.store.write_pictures(record.id, *render_pictures(peak.picture))
-        self.store.save(record)
+        return self.store.save(record, fence)
 
     async def prune(self) -> list[str]:
         """Apply the retention limits now (age: VAD_EVENT_RETENTION_DAYS; size: VAD_EVENT_MAX_BYTES)."""

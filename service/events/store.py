@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -47,6 +47,7 @@ class EventRecord:
     model_version: str
     frames: int
     picture_bytes: int = 0
+    replica: str | None = None  # the replica that opened it (service/replicas.py); None: before replicas
 
     def to_json(self) -> dict[str, Any]:
         """The event as the API, SSE and webhooks carry it."""
@@ -63,7 +64,9 @@ COLUMNS = ", ".join(f.name for f in fields(EventRecord))
 UPSERT = (
     f"INSERT INTO events ({COLUMNS}) VALUES ({', '.join('?' * len(fields(EventRecord)))}) ON CONFLICT (id) DO UPDATE SET "
     + ", ".join(f"{f.name} = excluded.{f.name}" for f in fields(EventRecord) if f.name != "id")
+    + " WHERE events.state = 'open'"  # a closed event is final: a late write of a replica that lost it changes nothing
 )
+Fence = Callable[[Connection], bool]  # inside the write: may this writer still write (service/cameras/leases.py)
 
 
 def iso_utc(at: float) -> str:
@@ -111,10 +114,13 @@ class EventStore:
 
     # -- writing ----------------------------------------------------------------------------------
 
-    def save(self, record: EventRecord) -> None:
-        """Insert or replace the event's row."""
+    def save(self, record: EventRecord, fence: Fence | None = None) -> bool:
+        """Insert or replace the event's row, unless it is closed already or ``fence`` refuses (in the
+        same transaction); whether it was written."""
         with self._connection(write=True) as connection:
-            connection.execute(UPSERT, [getattr(record, f.name) for f in fields(EventRecord)])
+            if fence is not None and not fence(connection):
+                return False
+            return connection.execute(UPSERT, [getattr(record, f.name) for f in fields(EventRecord)]).rowcount > 0
 
     def write_pictures(self, event_id: str, snapshot: bytes, heatmap: bytes) -> int:
         """Write (atomically, replacing) the event's two pictures; returns their size in bytes."""
@@ -131,13 +137,30 @@ class EventStore:
                 raise
         return len(snapshot) + len(heatmap)
 
-    def close_dangling(self) -> list[EventRecord]:
-        """Events left open by a server that died: closed, ending at their last recorded frame."""
+    def close_dangling(self, live_since: float, replica: str, own: bool = True) -> list[EventRecord]:
+        """Events left open by a server that is gone, closed at their last recorded frame: those of
+        replicas not seen since ``live_since`` (dead, table ``replicas``), of no replica (recorded
+        before replicas were), and with ``own`` (a starting server) those ``replica`` itself left from
+        an earlier run under the same VAD_REPLICA_ID. Never those of another live replica."""
+        if not self.exists():
+            return []
+        mine = "replica = ?" if own else "0 = 1"
+        with self._connection(write=True) as connection:
+            rows = connection.execute(
+                f"UPDATE events SET state = 'closed', end_at = last_at WHERE state = 'open' AND (replica IS NULL OR "
+                f"{mine} OR (replica <> ? AND replica NOT IN (SELECT id FROM replicas WHERE last_seen >= ?))) "
+                f"RETURNING {COLUMNS}", [*([replica] if own else []), replica, live_since],
+            ).fetchall()
+        return [self._record(row) for row in rows]
+
+    def close_open(self, source: str, camera: str) -> list[EventRecord]:
+        """Close the open events of one source (a camera taken over from a replica that left them)."""
         if not self.exists():
             return []
         with self._connection(write=True) as connection:
             rows = connection.execute(
-                f"UPDATE events SET state = 'closed', end_at = last_at WHERE state = 'open' RETURNING {COLUMNS}"
+                "UPDATE events SET state = 'closed', end_at = last_at WHERE state = 'open' AND source = ? AND camera = ? "
+                f"RETURNING {COLUMNS}", (source, camera),
             ).fetchall()
         return [self._record(row) for row in rows]
 
@@ -166,9 +189,10 @@ class EventStore:
             shutil.rmtree(self.folder(event_id), ignore_errors=True)
         return doomed
 
-    def remove_orphan_pictures(self) -> int:
+    def remove_orphan_pictures(self, untouched_since: float) -> int:
         """Delete picture folders no event owns (a crash between deleting rows and their files, or
-        between writing pictures and the row). Only safe while no source is recording (startup)."""
+        between writing pictures and the row) and not modified since ``untouched_since``: a replica
+        writes an event's pictures just before its row, so recent folders may be another's new event."""
         if not self.pictures.is_dir():
             return 0
         kept: set[str] = set()
@@ -177,7 +201,8 @@ class EventStore:
                 kept = {row["id"] for row in connection.execute("SELECT id FROM events")}
         removed = 0
         for folder in self.pictures.iterdir():
-            if folder.is_dir() and EVENT_ID.match(folder.name) and folder.name not in kept:
+            if (folder.is_dir() and EVENT_ID.match(folder.name) and folder.name not in kept
+                    and folder.stat().st_mtime < untouched_since):
                 shutil.rmtree(folder, ignore_errors=True)
                 removed += 1
         return removed

@@ -4,7 +4,13 @@
 outbox (``service/events/outbox.py``) inside the bus's publish, so a change published is a change
 delivered even across a restart (at least once: a delivery cut off by a shutdown is sent again).
 ``start()`` runs one sender task per URL: each sends its URL's deliveries oldest first, so a slow or
-dead receiver only delays its own deliveries. A delivery is
+dead receiver only delays its own deliveries. Replicas sharing the database all run senders for every
+URL; a sender claims the head of its URL's queue before sending it (service/events/outbox.py), so each
+delivery is sent by one replica at a time and each URL's order is kept across replicas. The sender of
+the replica that published a change is woken at once; the others look every heartbeat interval (they
+take over the queue of a replica that stopped, or the claim of one that died). Delivery is exactly
+once without crashes, at least once across a crash (or a replica thought dead) between sending and
+removing. A delivery is
 
     POST <url>
     Content-Type: application/json
@@ -40,6 +46,7 @@ from service.events.bus import EventBus
 from service.events.outbox import Delivery, OutboxStore
 from service.events.store import iso_utc
 from service.metrics import Metrics
+from service.replicas import Replica
 from service.settings import Settings
 
 log = logging.getLogger("vad.webhooks")
@@ -69,16 +76,16 @@ def retry_delay(settings: Settings, attempts: int) -> float:
 class WebhookOutbox:
     """The persistent outbox and its senders (see the module docstring)."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, replica: Replica | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.replica = replica or Replica(settings)
         self.urls = list(settings.webhook_urls)
         self.store = OutboxStore(database_for(settings))
         secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
         self._secret = secret or None  # an empty secret signs nothing
         self._wakes: dict[str, asyncio.Event] = {}
         self._senders: list[asyncio.Task[None]] = []
-        self._in_flight: set[str] = set()  # delivery ids being POSTed (not "waiting": the bound keeps them)
         self._client: httpx.AsyncClient | None = None
 
     def attach(self, bus: EventBus) -> None:
@@ -89,9 +96,7 @@ class WebhookOutbox:
     def _on_change(self, kind: str, event: dict[str, Any]) -> None:
         if kind not in DELIVERED_KINDS:
             return
-        dropped = self.store.add(
-            kind, event, self.urls, time.time(), self.settings.webhook_outbox_max, self._in_flight
-        )
+        dropped = self.store.add(kind, event, self.urls, time.time(), self.settings.webhook_outbox_max)
         if dropped:
             log.warning("webhook outbox full (%d): dropped the %d oldest deliveries", self.settings.webhook_outbox_max, dropped)
             self.metrics.webhook_deliveries.labels("dropped").inc(dropped)
@@ -115,9 +120,15 @@ class WebhookOutbox:
             self._senders.append(asyncio.create_task(self._send_all(url), name=f"vad-webhook-{shown_url(url)}"))
 
     async def stop(self) -> None:
-        """Stop sending; what is still waiting stays in the outbox for the next start."""
+        """Stop sending; what is still waiting stays in the outbox for another replica or the next start
+        (a claim cut off here is given back: that delivery is sent again)."""
         for task in self._senders:
             await cancel_and_wait(task)
+        if self._senders:
+            try:
+                await asyncio.to_thread(self.store.release, self.replica.id)
+            except database_errors():
+                log.warning("webhook outbox: could not give back this replica's claims; they pass to another once it is dead")
         self._senders.clear()
         self._wakes.clear()
         if self._client is not None:
@@ -134,34 +145,28 @@ class WebhookOutbox:
                 await asyncio.sleep(DATABASE_RETRY_S)
 
     async def _send_next(self, url: str) -> None:
-        """Attempt ``url``'s oldest delivery if it is due, else wait until it is or a change arrives."""
+        """Claim and attempt ``url``'s oldest delivery if it is due, else wait until it is, a change
+        arrives, or a heartbeat interval has passed (another replica's queue or claim may be ours now)."""
         wake = self._wakes[url]
         wake.clear()  # before reading, so an insert after the read still wakes us
-        delivery = self.store.head(url)
-        if delivery is None:
-            await wake.wait()
-            return
-        wait = delivery.next_at - time.time()
-        if wait > 0:
+        claim = await asyncio.to_thread(self.store.claim, url, self.replica.id, time.time(), self.replica.live_since())
+        if claim.delivery is None:
+            wait = self.replica.interval_s if claim.due_in is None else min(claim.due_in, self.replica.interval_s)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wake.wait(), wait)  # woken early: the head may have been dropped
             return
-        await self._attempt(delivery)
+        await self._attempt(claim.delivery)
 
     async def _attempt(self, delivery: Delivery) -> None:
-        self._in_flight.add(delivery.id)
-        try:
-            error = await self._post(delivery)
-        finally:
-            self._in_flight.discard(delivery.id)
+        error = await self._post(delivery)
         attempts = delivery.attempts + 1
         if error is None:
-            self.store.remove(delivery.id)
+            await asyncio.to_thread(self.store.remove, delivery.id)
             self.metrics.webhook_deliveries.labels("delivered").inc()
         else:
             self.metrics.webhook_deliveries.labels("failed").inc()
             if attempts >= self.settings.webhook_max_attempts:
-                self.store.remove(delivery.id)
+                await asyncio.to_thread(self.store.remove, delivery.id)
                 self.metrics.webhook_deliveries.labels("dropped").inc()
                 log.error(
                     "webhook delivery %s (%s of event %s) to %s dropped after %d attempts: %s", delivery.id,
@@ -169,7 +174,7 @@ class WebhookOutbox:
                 )
             else:
                 delay = retry_delay(self.settings, attempts)
-                self.store.reschedule(delivery.id, attempts, time.time() + delay)
+                await asyncio.to_thread(self.store.reschedule, delivery.id, self.replica.id, attempts, time.time() + delay)
                 log.info(
                     "webhook delivery %s to %s failed (attempt %d of %d: %s); retrying in %.1f s", delivery.id,
                     shown_url(delivery.url), attempts, self.settings.webhook_max_attempts, error, delay,

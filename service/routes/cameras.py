@@ -61,13 +61,13 @@ async def add_camera(body: NewCamera, cameras: CamerasDep) -> Response:
 
 @router.get("", summary="Every camera with its state")
 async def list_cameras(cameras: CamerasDep) -> dict[str, Any]:
-    return {"cameras": cameras.list()}
+    return {"cameras": await cameras.list()}
 
 
 @router.get("/{name}", summary="One camera: state, last frame time, frames scored and dropped, reconnects, last error",
             responses={404: {"model": ErrorResponse}})
 async def get_camera(name: CameraName, cameras: CamerasDep) -> dict[str, Any]:
-    return cameras.view(name)
+    return await cameras.view(name)
 
 
 @router.patch("/{name}", dependencies=[AdminAuth], summary="Change a camera's url, fps or enabled (it reconnects)",
@@ -83,13 +83,16 @@ async def delete_camera(name: CameraName, cameras: CamerasDep) -> Response:
     return Response(status_code=204)
 
 
+ELSEWHERE = {409: {"model": ErrorResponse, "description": "The camera runs on another replica (named), or on none now"}}
+
+
 @router.get("/{name}/latest.jpg", summary="The camera's latest scored frame (JPEG)", response_class=Response,
-            responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": ErrorResponse}})
+            responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": ErrorResponse}, **ELSEWHERE})
 async def latest_frame(name: CameraName, cameras: CamerasDep) -> Response:
-    return Response(cameras.latest_jpeg(name), media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+    return Response(await cameras.latest_jpeg(name), media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
 
 @router.get("/{name}/latest-heatmap.png", summary="The latest scored frame with its anomaly map over it (PNG)",
-            response_class=Response, responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}})
+            response_class=Response, responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorResponse}, **ELSEWHERE})
 async def latest_heatmap(name: CameraName, cameras: CamerasDep) -> Response:
-    return Response(cameras.latest_heatmap(name), media_type="image/png", headers={"Cache-Control": "no-store"})
+    return Response(await cameras.latest_heatmap(name), media_type="image/png", headers={"Cache-Control": "no-store"})

@@ -104,7 +104,7 @@ def test_rtsp_and_mjpeg_cameras_are_scored_survive_a_drop_and_raise_events(
 
 def test_refused_cameras_say_why(make_client: Callable[..., TestClient], footage_root: Path, tmp_path: Path,
                                  normal_clip: Path) -> None:
-    disabled = make_client(camera_url_allow=[])
+    disabled = make_client(camera_url_allow=[], data_dir=tmp_path / "other")  # not a second replica of the next
     refused = disabled.post("/v1/cameras", json={"name": "a", "url": "rtsp://127.0.0.1/cam"})
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "cameras_disabled"
     assert "VAD_CAMERA_URL_ALLOW is empty" in refused.json()["error"]["message"]

@@ -43,7 +43,7 @@ def test_reads_create_nothing(new_store: NewStore, tmp_path: Path) -> None:
     store = new_store()
     assert store.list(EventQuery()) == ([], None)
     assert store.get(uuid.uuid4().hex) is None
-    assert store.close_dangling() == [] and store.prune(time.time(), 1) == []
+    assert store.close_dangling(time.time(), "r1") == [] and store.prune(time.time(), 1) == []
     assert not (tmp_path / "data").exists() and not store.exists()
 
 
@@ -92,11 +92,11 @@ def test_events_left_open_are_closed_at_their_last_frame(new_store: NewStore) ->
     dangling.last_at = 1012.5
     store.save(dangling)
     store.save(done)
-    (closed,) = new_store().close_dangling()
+    (closed,) = new_store().close_dangling(time.time(), "r1")  # recorded before replicas were: nobody's
     assert closed.id == dangling.id and closed.state == "closed" and closed.end_at == 1012.5
     assert store.get(dangling.id).state == "closed" and store.get(dangling.id).end_at == 1012.5
     assert store.get(done.id) == done
-    assert store.close_dangling() == []
+    assert store.close_dangling(time.time(), "r1") == []
 
 
 def test_retention_by_age_spares_open_events(new_store: NewStore) -> None:
@@ -126,7 +126,8 @@ def test_orphan_picture_folders_are_removed(new_store: NewStore) -> None:
     kept = saved_with_pictures(store, 1000.0)
     orphan = record(1001.0)
     store.write_pictures(orphan.id, b"j", b"p")  # a crash before its row was written
-    assert store.remove_orphan_pictures() == 1
+    assert store.remove_orphan_pictures(time.time() - 60) == 0  # just written: maybe another replica's new event
+    assert store.remove_orphan_pictures(time.time() + 1) == 1
     assert not store.folder(orphan.id).exists() and store.folder(kept.id).exists()
 
 

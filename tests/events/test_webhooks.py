@@ -30,10 +30,10 @@ WAIT_S = 60.0  # generous: the machine may be loaded
 
 
 class Receiver:
-    """A webhook receiver: answers the next status of ``statuses`` (then 200), records every
-    request whose signature verifies and counts those that do not."""
+    """A webhook receiver: answers the next status of ``statuses`` (then 200), after ``delay_s``,
+    records every request whose signature verifies and counts those that do not."""
 
-    def __init__(self, port: int = 0, statuses: list[int] | None = None) -> None:
+    def __init__(self, port: int = 0, statuses: list[int] | None = None, delay_s: float = 0.0) -> None:
         self.statuses = list(statuses or [])
         self.received: list[dict[str, Any]] = []  # bodies answered 2xx
         self.requests = 0
@@ -44,6 +44,7 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                time.sleep(delay_s)  # a slow receiver: a delivery stays in flight a while
                 expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
                 document = json.loads(body)
                 with receiver.lock:
