@@ -22,7 +22,9 @@ def test_an_endless_epoch_is_cut_at_the_deadline_and_the_best_so_far_published(n
     assert result.version == "v0001"
     (epoch,) = result.history
     assert 0 < epoch.step < 10_000_000 // config.batch_size  # stopped inside the first epoch
-    assert 0 < result.manifest["phase_two"]["steps"] < 100_000  # and inside phase two
+    # phase two was cut by its own deadline too; how many steps it got depends on the machine's load
+    # (on a busy machine the epoch's last evaluation can use up phase two's share: 0 steps)
+    assert result.manifest["phase_two"]["steps"] < 100_000
     assert result.manifest["validation"]["total_seconds"] >= 0
     assert registry.load_version(tmp_path / "w", "v0001").calibration.threshold == result.manifest["calibration"]["threshold"]
 
