@@ -7,8 +7,8 @@ Each process is one ``Replica``: an id (``VAD_REPLICA_ID``, else ``hostname-pid-
 table ``replicas`` whose ``last_seen`` it renews every ``VAD_REPLICA_LEASE_S / 3``. A replica is
 **live** while its ``last_seen`` is at most ``VAD_REPLICA_LEASE_S`` old, dead after that (kill -9, a
 lost host, a database it cannot reach); a clean stop deletes its row at once. Every heartbeat also
-deletes the rows of dead replicas. After each heartbeat the replica runs the callbacks its parts
-registered (``on_tick``): the cameras rebalance, the events of dead replicas are closed.
+deletes the rows of dead replicas. As often, in a loop of its own, the replica runs the callbacks its
+parts registered (``on_tick``): the cameras rebalance, the events of dead replicas are closed.
 
 Times are each process's ``time.time()``: replicas on several hosts need synchronised clocks (NTP),
 well within the lease, as the job leases do.
@@ -94,32 +94,35 @@ class Replica:
         self.clock = clock
         self.started_at = clock()
         self._ticks: list[Tick] = []
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def live_since(self) -> float:
         """The oldest ``last_seen`` of a live replica, now."""
         return self.clock() - self.lease_s
 
     def on_tick(self, tick: Tick) -> None:
-        """Run ``tick()`` after every heartbeat (its own errors are logged, never stop the others)."""
+        """Run ``tick()`` every heartbeat interval (its own errors are logged, never stop the others)."""
         self._ticks.append(tick)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.store.heartbeat, self.id, self.started_at, self.clock())
         log.info("replica %s: heartbeat every %.1f s, dead after %.1f s of silence", self.id, self.interval_s, self.lease_s)
-        self._task = asyncio.create_task(self._beat_forever(), name="vad-replica-heartbeat")
+        # two loops: a slow tick (cameras stopping, say) never delays the heartbeat that keeps this replica live
+        self._tasks = [asyncio.create_task(self._every_interval(self.heartbeat), name="vad-replica-heartbeat"),
+                       asyncio.create_task(self._every_interval(self.tick), name="vad-replica-ticks")]
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._task)
-        self._task = None
+        for task in self._tasks:
+            await cancel_and_wait(task)
+        self._tasks = []
         try:
             await asyncio.to_thread(self.store.remove, self.id)
         except database_errors():
             log.warning("replica %s: could not remove its row at stop; the others see it dead after %.0f s",
                         self.id, self.lease_s)
 
-    async def beat(self) -> None:
-        """One heartbeat (and the sweep of dead replicas), then every tick."""
+    async def heartbeat(self) -> None:
+        """Renew this replica's row, and delete those of dead replicas."""
         try:
             await asyncio.to_thread(self.store.heartbeat, self.id, self.started_at, self.clock())
             dead = await asyncio.to_thread(self.store.sweep, self.live_since())
@@ -127,13 +130,16 @@ class Replica:
                 log.warning("replica %s: replicas %s stopped heartbeating; their work is taken over", self.id, ", ".join(dead))
         except database_errors():
             log.exception("replica %s: heartbeat failed; retrying in %.1f s", self.id, self.interval_s)
+
+    async def tick(self) -> None:
+        """Run every registered tick, in order."""
         for tick in self._ticks:
             try:
                 await tick()
-            except Exception:  # noqa: BLE001 - one failing part must not stop the heartbeat or the others
+            except Exception:  # noqa: BLE001 - one failing part must not stop the others
                 log.exception("replica %s: %r failed", self.id, tick)
 
-    async def _beat_forever(self) -> None:
+    async def _every_interval(self, step: Tick) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            await self.beat()
+            await step()

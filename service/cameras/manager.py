@@ -115,8 +115,7 @@ class CameraManager:
         async with self._lock:
             self._stopped = True
             held = [Lease(watch.camera, watch.generation) for watch in self.watches.values()]
-            for name in list(self.watches):
-                await self._halt(self.watches.pop(name))
+            await asyncio.gather(*(self._halt(self.watches.pop(name)) for name in list(self.watches)))
             try:
                 await asyncio.to_thread(self.leases.release, self.replica.id, held)
             except database_errors():
@@ -228,9 +227,8 @@ class CameraManager:
             await self._apply(assignment)
 
     async def _apply(self, assignment: Assignment) -> None:
-        for lease in assignment.surplus:
-            if lease.camera.name in self.watches:
-                await self._halt(self.watches.pop(lease.camera.name), forget=True)
+        await asyncio.gather(*(self._halt(self.watches.pop(lease.camera.name), forget=True)
+                               for lease in assignment.surplus if lease.camera.name in self.watches))
         if assignment.surplus:
             names = ", ".join(lease.camera.name for lease in assignment.surplus)
             log.info("cameras: %s given up (this replica's share is %d of %d live replicas)", names,
@@ -241,14 +239,13 @@ class CameraManager:
             await asyncio.to_thread(self.leases.release, self.replica.id, gone)
 
     async def _run_only(self, held: dict[str, Lease]) -> list[Lease]:
-        """Stop what runs here but is not held (or not as held), start what is held; the leases stopped."""
-        stopped = []
-        for name, watch in list(self.watches.items()):
-            lease = held.get(name)
-            if lease is None or (lease.camera, lease.generation) != (watch.camera, watch.generation):
-                await self._halt(self.watches.pop(name), forget=lease is None)
-                if lease is None:
-                    stopped.append(Lease(watch.camera, watch.generation))
+        """Stop what runs here but is not held (or not as held), start what is held; the leases stopped.
+        Cameras stop together: a tick stopping many must not outlast the leases it renewed."""
+        stopping = [name for name, watch in self.watches.items()
+                    if name not in held or (held[name].camera, held[name].generation) != (watch.camera, watch.generation)]
+        halted = [self.watches.pop(name) for name in stopping]
+        await asyncio.gather(*(self._halt(watch, forget=watch.camera.name not in held) for watch in halted))
+        stopped = [Lease(watch.camera, watch.generation) for watch in halted if watch.camera.name not in held]
         for name, lease in held.items():
             if name not in self.watches:
                 await self.events.close_left_open(SOURCE_CAMERA, name)  # by a replica that held it before

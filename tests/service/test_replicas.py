@@ -225,7 +225,8 @@ def test_a_replica_heartbeats_runs_its_ticks_and_leaves_at_stop(make_database: N
         replica.on_tick(tick)
         ReplicaStore(database).heartbeat("gone", 0.0, 990.0)
         now[0] = 1002.0
-        await replica.beat()
+        await replica.heartbeat()
+        await replica.tick()
         assert [(r.id, r.last_seen) for r in replica.store.live(0.0)] == [("replica-a", 1002.0)]  # gone: swept
         await replica.stop()
 
