@@ -74,6 +74,10 @@ class NegativeMaker:
         self.rng = np.random.default_rng(seed)
 
     def make(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+        """``count`` pseudo-anomalies of ``kind`` for the normal patches ``x``, on ``x``'s device."""
+        return self._make(kind, x).to(x.device)
+
+    def _make(self, kind: str, x: torch.Tensor) -> torch.Tensor:
         count = x.shape[0]
         if kind == "average":
             old = self.refine_old(x)
@@ -112,8 +116,8 @@ def phase_two_batch(
     if not kinds:  # nothing but R_old(X) on the anomalous side
         bad = torch.ones(1)
     per_part = torch.cat([good, bad]) / count
-    weights = per_part.repeat_interleave(count)
-    labels = torch.cat([torch.ones(2 * count), torch.zeros((len(kinds) + 1) * count)])
+    weights = per_part.repeat_interleave(count).to(x.device)
+    labels = torch.cat([torch.ones(2 * count), torch.zeros((len(kinds) + 1) * count)]).to(x.device)
     rows = [name for name in names for _ in range(count)]
     return PhaseTwoBatch(torch.cat(parts), labels, weights, rows)
 
@@ -151,7 +155,7 @@ def holdout_separation(
     anomalous = detector(refiner_new(negatives)[0])
     detector.train(was_training)
     labels = np.r_[np.ones(len(normal)), np.zeros(len(anomalous))]
-    return float(roc_auc_score(labels, torch.cat([normal, anomalous]).numpy()))
+    return float(roc_auc_score(labels, torch.cat([normal, anomalous]).float().cpu().numpy()))
 
 
 def retrain_detector(

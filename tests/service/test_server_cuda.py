@@ -34,13 +34,22 @@ def network_served_weights(tmp_path: Path) -> Path:
     return weights
 
 
-# largest frame-score difference to the CPU server, in units of the d_r_x spread of normal frames
-TOLERANCE_OVER_SCALE = {"float32": 0.01, "fp16": 0.2}
+# The GPU server against the CPU server (OpenCV encoding, float32): the largest frame-score difference,
+# in units of the d_r_x spread of normal frames. The networks alone (the OpenCV encoding on both
+# sides): float32 0.01, fp16 0.2. The GPU's default adds the torch encoding, whose flow channel is
+# within 1 grey level of OpenCV's (tests/model/test_torch_encoding.py); on this clip that moved d_r_x
+# by 0.032 of its spread on an H200, so 0.1.
+CASES = {
+    "float32": ({"encoding": "opencv"}, 0.01),
+    "fp16": ({"encoding": "opencv", "precision": "fp16", "cuda_graphs": True}, 0.2),
+    "default (torch encoding)": ({}, 0.1),
+}
 
 
-@pytest.mark.parametrize("options", [{}, {"precision": "fp16", "cuda_graphs": True}])
+@pytest.mark.parametrize("case", list(CASES))
 def test_clips_on_cuda_match_the_cpu_server(make_client, network_served_weights: Path, tmp_path: Path,
-                                            options: dict) -> None:
+                                            case: str) -> None:
+    options, tolerance_over_scale = CASES[case]
     clip = write_video(tmp_path / "clip.avi", synthetic_frames(20, seed=5, anomaly_from=10))
     cpu = make_client(weights_dir=network_served_weights, device="cpu")
     gpu = make_client(weights_dir=network_served_weights, device="cuda", **options)
@@ -51,7 +60,7 @@ def test_clips_on_cuda_match_the_cpu_server(make_client, network_served_weights:
     want, got = want.json(), got.json()
     assert got["frame_count"] == want["frame_count"] == 20
     manifest = registry.read_manifest(network_served_weights, want["model_version"])
-    allowed = TOLERANCE_OVER_SCALE[options.get("precision", "float32")] * manifest["calibration"]["map_width"]
+    allowed = tolerance_over_scale * manifest["calibration"]["map_width"]
     for g, w in zip(got["frames"], want["frames"], strict=True):
         assert abs(g["score"] - w["score"]) <= allowed, (options, g["index"], g["score"], w["score"])
         if abs(w["score"] - want["threshold"]) > allowed:  # a flag may only differ at tau itself
