@@ -25,7 +25,8 @@ ActivationPolicy = Literal["manual", "auto"]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VAD_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a refused value (VAD_DATABASE_URL with its password, say) is named, not echoed
+    model_config = SettingsConfigDict(env_prefix="VAD_", extra="ignore", frozen=True, hide_input_in_errors=True)
 
     # Model
     weights_dir: Path = Field(BUNDLED_WEIGHTS_DIR, description="Registry folder holding vNNNN versions and ACTIVE.")

@@ -8,11 +8,15 @@ import threading
 from contextlib import closing
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from service.cameras.store import CameraStore
 from service.database.sqlite import SqliteDatabase, open_database
 from service.events.outbox import OutboxStore
 from service.jobs.layout import database_path
 from service.jobs.store import SqlJobStore
+from service.settings import Settings
 
 
 def test_stores_opening_a_fresh_file_at_once_all_get_in(tmp_path: Path) -> None:
@@ -46,3 +50,17 @@ def test_stores_opening_a_fresh_file_at_once_all_get_in(tmp_path: Path) -> None:
     with sqlite3.connect(path) as check:
         tables = {row[0] for row in check.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"cameras", "training_jobs", "webhook_outbox", "t0"} <= tables
+
+
+@pytest.mark.parametrize("url", ["mysql://vad:s3cret-pw@db:3306/vad", "sqlite:///tmp/x?password=s3cret-pw"])
+def test_a_database_url_of_another_kind_is_refused_without_echoing_it(url: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(database_url=url)
+    message = str(refused.value)
+    assert "database_url" in message and "not a PostgreSQL URL" in message
+    assert "s3cret-pw" not in message  # the URL's password never reaches a log
+
+
+def test_an_unset_or_empty_database_url_is_the_embedded_sqlite_file() -> None:
+    assert Settings().database_url is None
+    assert not Settings(database_url="").database_url
