@@ -29,7 +29,7 @@ from model.patches import to_patches
 # 0.15: a frame then moves by under a sixth of the way from a typical normal frame to tau. Measured on
 # v0003 over Ped2 test clip 04 (120 frames, 90 anomalous): bf16 autocast 0.06, int8 (normal calibration
 # with stretched motion) 0.11, int8 calibrated on normal footage without the stretch 1.49 (anomalous
-# patches clipped); the Ped2 figures of the passing precisions are in the report of issue 15.
+# patches clipped); Ped2 figures per precision: docs/speed.md, CPU precisions.
 TOLERANCE = 0.15
 PROBE_SEED, CALIBRATION_SEED = 1, 2
 SCENE_HEIGHT, SCENE_WIDTH = 240, 360  # Ped2's size; encode_frames brings it to the version's processing size
