@@ -28,7 +28,7 @@ import torch
 from model.config import SCORE_MODES, ModelConfig
 from model.inference import InferenceEngine
 from model.encoding import FLOW_PRESETS, encode_frames, resolve_encoding, to_model_input
-from model.torch_encoding import encode_frames_torch, encode_stack
+from model.torch_encoding import encode_frames_torch, encode_stack, enlarged_on_host
 from model.networks import Detector, Refiner
 from model.patches import GridShape, to_patches
 from model.results import FrameResult
@@ -219,7 +219,7 @@ class PatchScorer:
     def frames_in(self, gray: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """(T, H, W) uint8 frames where this scorer's encoding reads them: on the device for torch."""
         if self.encoding == "torch":
-            return torch.as_tensor(gray).to(self.device)
+            return torch.as_tensor(enlarged_on_host(gray, self.config)).to(self.device)
         return gray.cpu().numpy() if isinstance(gray, torch.Tensor) else gray
 
     def encode(
@@ -407,7 +407,7 @@ def prepare_streams(
 def _prepare_together(chunks: list[tuple[FrameStream, np.ndarray | torch.Tensor]]) -> list[tuple[torch.Tensor, GridShape, int]]:
     """Chunks of one shape, one per stream, of one scorer with the torch encoding: one encode_stack."""
     scorer = chunks[0][0].scorer
-    gray = torch.stack([torch.as_tensor(g) for _, g in chunks]).to(scorer.device)  # (S, T, H, W)
+    gray = torch.stack([torch.as_tensor(enlarged_on_host(g, scorer.config)) for _, g in chunks]).to(scorer.device)  # (S, T, H, W)
     previous = []
     for s, (stream, _) in enumerate(chunks):
         before = stream.predecessor(gray[s])

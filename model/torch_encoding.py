@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from model.config import ModelConfig
-from model.encoding import FLOW_PRESETS, motion_rate_factor, processing_size
+from model.encoding import FLOW_PRESETS, motion_rate_factor, processing_size, to_processing_size
 from model.flow_torch import farneback_flow_sequences
 
 
@@ -49,6 +49,20 @@ def area_weights(source: int, target: int, scale: float) -> np.ndarray:
         if end - last > 1e-3 and last < source:
             weights[d, last] = min(min(end - last, 1.0), cell) / cell
     return weights
+
+
+def enlarged_on_host(gray: np.ndarray | torch.Tensor, config: ModelConfig) -> np.ndarray | torch.Tensor:
+    """(..., H, W) frames that the processing size enlarges, enlarged by OpenCV on the host; frames it
+    shrinks or keeps, and tensors, as they are.
+
+    The device's bilinear resize matches OpenCV's only within 1 grey level (OpenCV rounds its bilinear
+    weights to fixed point, and its SIMD and scalar paths round differently), and Farneback turns
+    that into a flow channel several levels apart: 200x300 frames enlarged to 240x360 had 10% of their
+    pixels 1 level apart and the flow channel up to 12. Shrinking (area averaging) matches OpenCV's
+    and stays on the device, where it saves the host a large frame's work."""
+    if isinstance(gray, torch.Tensor) or processing_size(*gray.shape[-2:], config)[0] <= gray.shape[-2]:
+        return gray
+    return to_processing_size(gray, config)
 
 
 def resize_frames(frames: torch.Tensor, height: int, width: int, factor: float | None = None) -> torch.Tensor:
@@ -140,10 +154,10 @@ def encode_frames_torch(
 ) -> torch.Tensor:
     """``encode_frames`` in torch: (T, H, W) uint8 frames -> (T, C, h, w) uint8 channels on ``device``
     (default: the frames' own device); numpy frames are moved there once."""
-    gray = torch.as_tensor(gray)
+    gray = torch.as_tensor(enlarged_on_host(gray, config))
     if device is not None:
         gray = gray.to(device)
     if gray.dim() != 3 or gray.dtype != torch.uint8:
         raise ValueError(f"expected (T, H, W) uint8 frames, got {gray.dtype} {tuple(gray.shape)}")
-    before = None if previous is None else torch.as_tensor(previous).to(gray.device)[None]
+    before = None if previous is None else torch.as_tensor(enlarged_on_host(previous, config)).to(gray.device)[None]
     return encode_stack(gray[None], config, before, flow=flow, fps=fps)[0]
