@@ -134,6 +134,12 @@ def load_serving_model(
     return ServingModel(version, loaded.manifest, scorer, device)
 
 
+def skips_unchanged_patches(setting: bool | str, device: str) -> bool:
+    """VAD_SKIP_UNCHANGED on ``device``: ``auto`` is on for the CPU and off for CUDA, where the test's
+    small per-frame steps cost more than the networks they save (docs/speed.md)."""
+    return setting if isinstance(setting, bool) else not device.startswith("cuda")
+
+
 class ModelStore:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.weights_dir = Path(settings.weights_dir)
@@ -142,8 +148,9 @@ class ModelStore:
             log.info("%s; VAD_PRECISION=%s", detect_cpu_features().summary(), settings.precision)
         self.follow_latest = settings.follow_latest
         self.follow_interval_s = settings.follow_interval_s
+        skip = skips_unchanged_patches(settings.skip_unchanged, self.device)
         self.scorer_options: dict[str, Any] = {
-            "skip": SkipUnchanged(settings.skip_level, settings.skip_share) if settings.skip_unchanged else None,
+            "skip": SkipUnchanged(settings.skip_level, settings.skip_share) if skip else None,
             "precision": settings.precision,
             "cuda_graphs": settings.cuda_graphs,
             "backend": settings.inference_backend,

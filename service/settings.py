@@ -39,8 +39,8 @@ class Settings(BaseSettings):
     )
 
     # Inference speed (docs/speed.md)
-    skip_unchanged: bool = Field(
-        True, description="Reuse a patch's scores while its input stays within VAD_SKIP_LEVEL/VAD_SKIP_SHARE of the patch as last scored (static cameras).",
+    skip_unchanged: bool | Literal["auto"] = Field(
+        "auto", description="Reuse a patch's scores while its input stays within VAD_SKIP_LEVEL/VAD_SKIP_SHARE of the patch as last scored (static cameras). auto: on the CPU, off on CUDA (where its small per-frame steps cost more than the networks they save; docs/speed.md).",
     )
     skip_level: int = Field(SkipUnchanged.level, ge=0, le=255, description="Grey levels a pixel value may differ by and still count as unchanged.")
     skip_share: float = Field(SkipUnchanged.share, ge=0, lt=1, description="Share of a patch's values that may change before it is rescored.")

@@ -204,3 +204,21 @@ def test_every_setting_is_documented() -> None:
     docs = (Path(__file__).resolve().parents[2] / "docs" / "server.md").read_text()
     missing = [name for name in Settings.model_fields if f"`VAD_{name.upper()}`" not in docs]
     assert missing == []
+
+
+@pytest.mark.parametrize(("value", "device", "on"), [
+    ("auto", "cpu", True), ("auto", "cuda", False), ("auto", "cuda:1", False),
+    ("true", "cuda", True), ("false", "cpu", False),
+])
+def test_unchanged_patch_test_by_setting_and_device(value: str, device: str, on: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.model_store import skips_unchanged_patches
+
+    monkeypatch.setenv("VAD_SKIP_UNCHANGED", value)
+    assert skips_unchanged_patches(Settings().skip_unchanged, device) is on
+
+
+def test_the_cpu_store_scores_with_the_unchanged_patch_test_by_default(weights_dir) -> None:
+    from service.model_store import ModelStore
+
+    store = ModelStore(Settings(weights_dir=weights_dir, device="cpu"), Metrics())
+    assert store.scorer_options["skip"] is not None
