@@ -55,8 +55,9 @@ def test_clips_on_cuda_match_the_cpu_server(make_client, network_served_weights:
                                             case: str) -> None:
     options, tolerance_over_scale = CASES[case]
     clip = write_video(tmp_path / "clip.avi", synthetic_frames(20, seed=5, anomaly_from=10))
-    cpu = make_client(weights_dir=network_served_weights, device="cpu")
-    gpu = make_client(weights_dir=network_served_weights, device="cuda", **options)
+    # every patch scored on both sides (VAD_SKIP_UNCHANGED's default differs: on for the CPU, off on CUDA)
+    cpu = make_client(weights_dir=network_served_weights, device="cpu", skip_unchanged=False)
+    gpu = make_client(weights_dir=network_served_weights, device="cuda", skip_unchanged=False, **options)
     assert gpu.get("/v1/models/active").json()["device"].startswith("cuda")
     want = cpu.post("/v1/clips", files={"file": ("clip.avi", clip.read_bytes())})
     got = gpu.post("/v1/clips", files={"file": ("clip.avi", clip.read_bytes())})
