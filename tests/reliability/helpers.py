@@ -142,3 +142,19 @@ def metric_value(metrics: Any, name: str, **labels: str) -> float:
     """One sample of an app's Prometheus registry (service.metrics.Metrics), 0 when absent."""
     value = metrics.registry.get_sample_value(name, labels or None)
     return 0.0 if value is None else value
+
+
+def http_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """(head, body) of one HTTP/1.1 response read from ``sock``, its Content-Length body in full."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed before a response: {data[:300]!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the connection closed inside the body"
+        body += chunk
+    return head, body

@@ -17,7 +17,7 @@ import pytest
 
 import service.video
 from tests.reliability.helpers import (
-    assert_clean_error, avi_bytes, corrupt_middle, frames, jpeg, mp4_bytes, png, png_bomb, png_declaring,
+    assert_clean_error, avi_bytes, corrupt_middle, frames, http_response, jpeg, mp4_bytes, png, png_bomb, png_declaring,
 )
 
 MiB = 1024 * 1024
@@ -283,22 +283,6 @@ def chunked_upload(port: int, path: str, headers: str, chunk: bytes, total: int,
     return sent, status, body
 
 
-def http_reply(sock: socket.socket) -> tuple[int, bytes]:
-    """(status, body) of one HTTP/1.1 response read from ``sock`` (its Content-Length body in full)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"the connection closed before a response: {data[:200]!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "the connection closed inside the body"
-        body += chunk
-    return int(head.split(b" ")[1]), body
-
-
 def test_over_size_upload_is_refused_while_streaming(live_server) -> None:
     counter_holder: list[BodyCounter] = []
 
@@ -327,7 +311,8 @@ def test_over_size_upload_is_refused_while_streaming(live_server) -> None:
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
         sock.sendall(f"POST /v1/clips HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\n"
                      f"Content-Length: {100 * limit}\r\n\r\n".encode())
-        status, body = http_reply(sock)
+        head, body = http_response(sock)
+        status = int(head.split(b" ")[1])
     assert status == 413 and json.loads(body)["error"]["code"] == "too_large", (status, body[:200])
     assert counter.consumed[-1] == 0
     assert server.services.batcher.admitted == 0

@@ -20,7 +20,7 @@ from fastapi.routing import APIRoute
 
 from model import registry
 from service.jobs.layout import upload_dir
-from tests.reliability.helpers import REPO, assert_clean_error, assert_no_leak, avi_bytes, frames, png
+from tests.reliability.helpers import REPO, assert_clean_error, assert_no_leak, avi_bytes, frames, http_response, png
 
 KEY = "k3y-for-tests"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -137,18 +137,8 @@ def test_api_key_is_checked_before_the_body_is_read(live_server) -> None:
         # 200 MB announced, none sent: the answer must not wait for the body.
         sock.sendall(b"POST /v1/training-jobs HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                      b"Content-Length: 200000000\r\n\r\n")
-        reply = b""
-        while b"\r\n\r\n" not in reply:
-            chunk = sock.recv(65536)
-            assert chunk, f"the server closed without an answer: {reply[:300]!r}"
-            reply += chunk
-        head, _, body = reply.partition(b"\r\n\r\n")
-        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
-        while len(body) < length:
-            chunk = sock.recv(65536)
-            assert chunk, "the server closed inside the body"
-            body += chunk
-    assert head.startswith(b"HTTP/1.1 401") and b"www-authenticate: bearer" in head.lower(), reply[:300]
+        head, body = http_response(sock)
+    assert head.startswith(b"HTTP/1.1 401") and b"www-authenticate: bearer" in head.lower(), head
     assert json.loads(body)["error"]["code"] == "unauthorized", body
 
 
