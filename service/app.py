@@ -23,6 +23,7 @@ from service.errors import install_error_handlers
 from service.events.recorder import EventRecorder
 from service.events.webhooks import WebhookOutbox
 from service.jobs.service import TrainingService
+from service.jobs.store import SqlJobStore
 from service.metrics import Metrics
 from service.model_store import ModelStore
 from service.replicas import Replica
@@ -77,7 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     # VAD_CAMERA_URL_ALLOW is parsed here: a malformed entry stops the server from starting
     services.cameras = CameraManager(settings, metrics, services.store, services.batcher, services.events, replica)
-    training = TrainingService(settings, metrics, services.store)  # training jobs: queue + activation policy
+    # training jobs: queue + activation policy, on the database the replica opened (one per process)
+    training = TrainingService(settings, metrics, services.store, SqlJobStore(replica.database))
     webhooks = WebhookOutbox(settings, metrics, replica)  # VAD_WEBHOOK_URLS: opened/closed events, from a persistent outbox
     webhooks.attach(services.events.bus)
 

@@ -90,7 +90,8 @@ class Replica:
         self.id = settings.replica_id or new_replica_id()
         self.lease_s = settings.replica_lease_s
         self.interval_s = settings.replica_lease_s / 3
-        self.store = ReplicaStore(database or database_for(settings))
+        self.database = database or database_for(settings)  # the one the server's stores share
+        self.store = ReplicaStore(self.database)
         self.clock = clock
         self.started_at = clock()
         self._ticks: list[Tick] = []

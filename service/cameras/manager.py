@@ -34,7 +34,7 @@ from service.cameras.leases import Assignment, CameraLeases, Lease, Placement
 from service.cameras.source import DISABLED, FAILED, STATES, Backoff, CameraSource, SourceStatus
 from service.cameras.store import Camera, CameraExistsError, CameraLimitError, CameraStore
 from service.cameras.urls import UrlPolicy, redact
-from service.database import database_errors, database_for
+from service.database import database_errors
 from service.errors import (
     CameraElsewhere, CameraExists, CameraNotFound, FrameTooSmall, NoCameraFrame, Overloaded, ServiceError,
     TooManyCameras,
@@ -92,7 +92,7 @@ class CameraManager:
         self.events = events
         self.replica = replica
         self.policy = UrlPolicy(settings.camera_url_allow, settings.footage_root)  # ValueError: a bad entry
-        database = database_for(settings)
+        database = replica.database
         self.store = CameraStore(database)
         self.leases = CameraLeases(database)
         self.backoff = Backoff(settings.camera_reconnect_initial_s, settings.camera_reconnect_max_s,

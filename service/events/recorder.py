@@ -22,7 +22,6 @@ import numpy as np
 
 from model.config import ModelConfig
 from model.results import FrameResult
-from service.database import database_for
 from service.events.bus import EventBus
 from service.events.store import EventRecord, EventStore, Fence
 from service.events.tracker import Change, EventTracker, Observation, Run
@@ -166,7 +165,7 @@ class EventRecorder:
         self.metrics = metrics
         self.replica = replica or Replica(settings)
         self.bus = EventBus()
-        self.store = EventStore(database_for(settings), settings.data_dir)
+        self.store = EventStore(self.replica.database, settings.data_dir)
         self._open: set[SourceEvents] = set()  # sources with an open event (closed by stop)
         self._retention: asyncio.Task[None] | None = None
         # refuse an impossible hysteresis at startup, not at the first frame

@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from service.background import cancel_and_wait
-from service.database import database_errors, database_for
+from service.database import database_errors
 from service.events.bus import EventBus
 from service.events.outbox import Delivery, OutboxStore
 from service.events.store import iso_utc
@@ -81,7 +81,7 @@ class WebhookOutbox:
         self.metrics = metrics
         self.replica = replica or Replica(settings)
         self.urls = list(settings.webhook_urls)
-        self.store = OutboxStore(database_for(settings))
+        self.store = OutboxStore(self.replica.database)
         secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
         self._secret = secret or None  # an empty secret signs nothing
         self._wakes: dict[str, asyncio.Event] = {}
