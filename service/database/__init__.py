@@ -14,6 +14,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 
+from model.config import ConfigError
 from service.database.base import Database
 from service.database.sqlite import SqliteDatabase
 from service.settings import Settings
@@ -26,7 +27,7 @@ def database_for(settings: Settings) -> Database:
     try:
         from service.database.postgres import PostgresDatabase
     except ImportError as exc:
-        raise RuntimeError(
+        raise ConfigError(
             f"VAD_DATABASE_URL is set but the PostgreSQL driver is missing ({exc}): "
             "pip install 'vad-alocc[postgres]' (psycopg 3)"
         ) from None

@@ -90,9 +90,10 @@ def continued_history(job: Job, meta: dict[str, Any] | None) -> list[dict[str, A
 
 
 class Worker:
-    def __init__(self, settings: Settings, store: JobStore | None = None, worker_id: str | None = None) -> None:
+    def __init__(self, settings: Settings, worker_id: str | None = None) -> None:
         self.settings = settings
-        self.store = store or SqlJobStore(database_for(settings))
+        self.database = database_for(settings)
+        self.store: JobStore = SqlJobStore(self.database)
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stopping = threading.Event()
 
@@ -111,7 +112,7 @@ class Worker:
 
     def run(self, once: bool = False) -> int:
         """Claim and run jobs until stopped; ``once``: run at most one job, then return."""
-        log.info("worker %s: polling %s every %.1f s (weights %s)", self.worker_id, self.settings.data_dir,
+        log.info("worker %s: polling %s every %.1f s (weights %s)", self.worker_id, self.database.describe(),
                  self.settings.job_poll_interval_s, self.settings.weights_dir)
         while not self.stopping.is_set():
             try:

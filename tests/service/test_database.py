@@ -4,6 +4,7 @@ same fresh file at once, as a starting server does, gets a working WAL connectio
 from __future__ import annotations
 
 import sqlite3
+import sys
 import threading
 from contextlib import closing
 from pathlib import Path
@@ -64,3 +65,15 @@ def test_a_database_url_of_another_kind_is_refused_without_echoing_it(url: str) 
 def test_an_unset_or_empty_database_url_is_the_embedded_sqlite_file() -> None:
     assert Settings().database_url is None
     assert not Settings(database_url="").database_url
+
+
+def test_a_postgresql_url_without_the_driver_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path) -> None:
+    from service.cli import main
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # `import psycopg` raises ImportError
+    monkeypatch.delitem(sys.modules, "service.database.postgres", raising=False)
+    monkeypatch.setenv("VAD_DATABASE_URL", "postgresql://vad@db:5432/vad")
+    monkeypatch.setenv("VAD_DATA_DIR", str(tmp_path))
+    assert main(["worker", "--once"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "the PostgreSQL driver is missing" in error[0] and "[postgres]" in error[0], error
