@@ -41,7 +41,7 @@ from service.errors import (
 )
 from service.events.recorder import EventRecorder, SourceEvents
 from service.events.store import iso_utc
-from service.metrics import Metrics
+from service.metrics import Metrics, zero_and_remove
 from service.model_store import ModelStore, ServingModel
 from service.pipeline import BatchedStream
 from service.rendering import MapGeometry, frame_jpeg, heatmap_png
@@ -375,10 +375,7 @@ class CameraManager:
             except KeyError:
                 pass
         for state in STATES:
-            try:
-                self.metrics.camera_state.remove(name, state)
-            except KeyError:
-                pass
+            zero_and_remove(self.metrics.camera_state, name, state)
 
 
 def _iso(seconds: float | None) -> str | None:
