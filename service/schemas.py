@@ -116,6 +116,7 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: str
     model_version: str
+    replica: str = Field(description="The replica (serving process) that answered: VAD_REPLICA_ID, or hostname-pid-random.")
 
 
 class StreamControl(BaseModel):

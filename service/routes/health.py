@@ -22,7 +22,7 @@ async def healthz() -> Health:
     responses={503: {"model": ErrorResponse, "description": "No model loaded"}},
 )
 async def readyz(services: ServicesDep) -> Readiness:
-    return Readiness(status="ready", model_version=services.store.require().version)
+    return Readiness(status="ready", model_version=services.store.require().version, replica=services.replica_id)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

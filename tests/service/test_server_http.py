@@ -48,7 +48,8 @@ def clip_file(tmp_path: Path) -> Path:
 def test_health_and_readiness(client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json() == {"status": "ready", "model_version": "v0001"}
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "model_version": "v0001", "replica": client.app.state.replica.id}
 
 
 def test_not_ready_without_a_published_version(make_client, tmp_path: Path) -> None:
