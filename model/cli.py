@@ -272,17 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
-    """Parse and run one command; a user's mistake is one line on stderr and exit status 2."""
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean a user's mistake (a bad setting, footage, dataset or version), not a bug."""
     from model.config import ConfigError
     from model.data import FootageError
     from model.evaluate import DatasetError
     from model.registry import RegistryError
 
+    return FootageError, RegistryError, ConfigError, DatasetError, ValueError
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse and run one command; a user's mistake is one line on stderr and exit status 2."""
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (FootageError, RegistryError, ConfigError, DatasetError, ValueError) as exc:
+    except user_errors() as exc:
         print(f"vad {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from model.cli import add_model_commands, device_arg, run, weights_dir_arg, write_json
+from model.cli import add_model_commands, device_arg, positive_int, run, weights_dir_arg, write_json
 from model.config import FLOW_PRESET_NAMES
 
 
@@ -38,7 +38,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        dataset_root=Path(args.root) if args.root else None, eval_clips=clips,
                        naive_frames=args.naive_frames, stream_seconds=args.stream_seconds,
                        service=not args.no_service, ablate=not args.no_ablation, flow=args.flow,
-                       device=args.device, peer=args.peer)
+                       device=args.device, peer=args.peer, processes=args.processes)
     if args.json:
         write_json(args.json, result)
     return 0
@@ -47,8 +47,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.server import serve
 
-    serve(args.host, args.port, args.weights)
-    return 0
+    return serve(args.host, args.port, args.weights, args.processes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--weights")
+    serve.add_argument("--processes", type=positive_int, default=None,
+                       help="serving processes behind the port (default: VAD_SERVE_PROCESSES, 1); docs/server.md")
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="measure roofline, model path, naive loop, server and streams (docs/speed.md)")
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--peer", choices=["torchserve"],
                        help="also serve the version with TorchServe (benchmark-only, installed into ~/.cache/vad-bench; "
                             "needs Java 17) and compare it on the same clips and streams")
+    bench.add_argument("--processes", type=positive_int, default=1,
+                       help="serving processes of the measured server (VAD_SERVE_PROCESSES; default 1)")
     bench.set_defaults(func=cmd_bench)
 
     worker = sub.add_parser("worker", help="run queued training jobs (POST /v1/training-jobs) until stopped")

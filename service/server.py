@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -33,11 +35,18 @@ def uvicorn_config(app: Any, settings: Settings, host: str, port: int, **extra: 
 
 class Server(uvicorn.Server):
     """uvicorn's server, telling the app as soon as a stop begins, so that event streams (SSE) end
-    at once instead of holding the stop until VAD_SHUTDOWN_GRACE_S runs out."""
+    at once instead of holding the stop until VAD_SHUTDOWN_GRACE_S runs out. ``on_started`` is called
+    once it accepts connections (a serving process tells its parent so)."""
 
-    def __init__(self, config: uvicorn.Config, services: Services) -> None:
+    def __init__(self, config: uvicorn.Config, services: Services, on_started: Callable[[], None] | None = None) -> None:
         super().__init__(config)
         self.services = services
+        self.on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         try:
@@ -47,12 +56,29 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(host: str, port: int, weights_dir: str | None) -> None:
-    overrides: dict[str, Any] = {"weights_dir": weights_dir} if weights_dir else {}
-    settings = Settings(**overrides)
+def build_server(settings: Settings, host: str, port: int, share_of_cores: int = 1,
+                 on_started: Callable[[], None] | None = None) -> Server:
+    """The app and its uvicorn server. On the CPU the forward passes are split over this process's
+    share of the cores (1 / ``share_of_cores`` of torch's threads) and everything else runs single-threaded."""
     if settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available()):
         from model.inference import dedicate_cpu_to_workers
 
-        dedicate_cpu_to_workers()  # forward passes split over the cores, everything else single-threaded
+        torch.set_num_threads(max(1, torch.get_num_threads() // share_of_cores))
+        dedicate_cpu_to_workers()
     app = create_app(settings)
-    Server(uvicorn_config(app, settings, host, port), app.state.services).run()
+    return Server(uvicorn_config(app, settings, host, port), app.state.services, on_started)
+
+
+def serve(host: str, port: int, weights_dir: str | None, processes: int | None = None) -> int:
+    """``vad serve``: one process, or VAD_SERVE_PROCESSES (``processes``) behind the port (service/processes.py).
+    Returns the exit status."""
+    overrides: dict[str, Any] = {"weights_dir": weights_dir} if weights_dir else {}
+    if processes is not None:
+        overrides["serve_processes"] = processes
+    settings = Settings(**overrides)
+    if settings.serve_processes > 1:
+        from service.processes import serve_processes
+
+        return serve_processes(settings, host, port, overrides)
+    build_server(settings, host, port).run()
+    return 0

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     inference_backend: Literal["auto", "torch", "onnxruntime"] = Field(
         "auto", description="CPU only: auto (ONNX Runtime when installed, else torch), torch or onnxruntime.",
     )
+    serve_processes: int = Field(
+        1, ge=1, le=64,
+        description="Serving processes behind the one port (`vad serve --processes`): each loads the model and runs its own batcher; "
+        "they share the port (the kernel hands each new connection to one), the database and the metrics. More than 1 where one "
+        "Python process cannot keep the device busy (docs/speed.md); on the CPU the cores are split among them.",
+    )
     encoding: Literal["auto", "opencv", "torch"] = Field(
         "auto", description="Who encodes frames (grey, optical flow, patches, unchanged-patch test): auto (torch on CUDA, on the device; OpenCV on the CPU, where it is faster), opencv or torch.",
     )
