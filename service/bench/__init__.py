@@ -15,7 +15,8 @@ Sections (each prints a line as it finishes; ``--json`` writes them all), one mo
   subprocess on loopback, server_process.py) and its ratio to the model path; ``streams``: per-frame
   latency of K WebSocket streams at 10 frames/s; ``max_realtime_streams``; ``cameras`` (cameras.py):
   how many 10 fps cameras (looped Ped2 clips) the server watches with p99 capture-to-score lag under
-  1 s, ``max_cameras_held`` and ``rss_mb_per_camera``; ``peak_rss_mb`` of the server process.
+  1 s, ``max_cameras_held`` and ``rss_mb_per_camera``; ``peak_rss_mb`` of the server's processes
+  (summed, with ``--processes N``: ``service_processes``).
 
 run.py runs them in order. Figures are from this run only: compare ratios, not absolute numbers from
 other machines.

@@ -36,14 +36,16 @@ def run_bench(
     weights_dir: Path, version: str | None = None, quick: bool = False, dataset_root: Path | None = None,
     eval_clips: list[str] | None = None, naive_frames: int | None = None, stream_seconds: float | None = None,
     service: bool = True, ablate: bool = True, flow: str | None = None, device: str = "auto", peer: str | None = None,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """Every figure of docs/speed.md in one run. ``device``: where the networks run (``auto``: CUDA
     when there is a GPU, as `vad serve` does); the roofline is that device's float32 matmul. ``peer``:
-    also serve the version with that model server (``torchserve``) and measure it beside the service."""
+    also serve the version with that model server (``torchserve``) and measure it beside the service.
+    ``processes``: the server's VAD_SERVE_PROCESSES."""
     threads, workers = torch.get_num_threads(), inference.CPU_WORKERS
     try:
         return _run_bench(weights_dir, version, quick, dataset_root, eval_clips, naive_frames, stream_seconds,
-                          service, ablate, flow, resolve_device(device), peer)
+                          service, ablate, flow, resolve_device(device), peer, processes)
     finally:  # the bench dedicates this process's cores to inference workers; put that back
         inference.CPU_WORKERS = workers
         torch.set_num_threads(threads)
@@ -52,7 +54,7 @@ def run_bench(
 def _run_bench(
     weights_dir: Path, version: str | None, quick: bool, dataset_root: Path | None, eval_clips: list[str] | None,
     naive_frames: int | None, stream_seconds: float | None, service: bool, ablate: bool, flow: str | None,
-    device: torch.device, peer: str | None = None,
+    device: torch.device, peer: str | None = None, processes: int = 1,
 ) -> dict[str, Any]:
     """run_bench on a resolved device, the process's thread set-up left to the caller to restore."""
     started = time.perf_counter()
@@ -171,7 +173,7 @@ def _run_bench(
 
     if service:
         result.update(service_section(weights_dir, version, footage, m["frames_per_s"], quick, stream_seconds, flow,
-                                      device))
+                                      device, processes))
     if peer:
         result["peer"] = peer_section(peer, weights_dir, version, footage, result, quick, stream_seconds)
     result["seconds"] = round(time.perf_counter() - started, 1)

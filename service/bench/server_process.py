@@ -93,14 +93,22 @@ class ServerProcess:
         """What the server has written so far (stdout and stderr)."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def processes(self) -> list[int]:
+        """The server's pid and, under VAD_SERVE_PROCESSES > 1, its serving children's (Linux /proc)."""
+        try:
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        except OSError:
+            children = []
+        return [self.pid, *map(int, children)]
+
     def rss_kib(self) -> int:
-        """Resident memory now (VmRSS), KiB."""
-        return _proc_status_kib(self.pid, "VmRSS")
+        """Resident memory now (VmRSS) of the server's processes together, KiB."""
+        return sum(_proc_status_kib(pid, "VmRSS") for pid in self.processes())
 
     def peak_rss_mb(self) -> float | None:
-        """Peak resident memory so far (VmHWM), MB; None when /proc cannot tell."""
+        """Peak resident memory so far (VmHWM; the sum of each process's peak), MB; None when /proc cannot tell."""
         try:
-            return round(_proc_status_kib(self.pid, "VmHWM") / 1024, 1)
+            return round(sum(_proc_status_kib(pid, "VmHWM") for pid in self.processes()) / 1024, 1)
         except OSError:
             return None
 

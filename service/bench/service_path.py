@@ -229,11 +229,13 @@ def streams_section(open_stream: StreamOpener, frames: list[bytes], quick: bool,
 
 def service_section(weights_dir: Path, version: str, footage: Footage, model_fps: float, quick: bool,
                     stream_seconds: float | None, flow: str | None = None,
-                    device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+                    device: torch.device = torch.device("cpu"), processes: int = 1) -> dict[str, Any]:
     """``service``, ``streams``, ``max_realtime_streams``, ``realtime_rule`` and ``peak_rss_mb`` of a
-    server of ``version`` on ``device``; ``model_fps`` is the model path's frames/s to compare with."""
-    out: dict[str, Any] = {}
-    env = {**os.environ, "VAD_LOG_LEVEL": "warning", "VAD_DEVICE": str(device), **({"VAD_FLOW_PRESET": flow} if flow else {})}
+    server of ``version`` on ``device`` with ``processes`` serving processes (VAD_SERVE_PROCESSES);
+    ``model_fps`` is the model path's frames/s to compare with."""
+    out: dict[str, Any] = {"service_processes": processes}
+    env = {**os.environ, "VAD_LOG_LEVEL": "warning", "VAD_DEVICE": str(device), "VAD_SERVE_PROCESSES": str(processes),
+           **({"VAD_FLOW_PRESET": flow} if flow else {})}
     on_cuda = device.type == "cuda"
     if on_cuda:  # hundreds of streams each hold an admission while a frame is scored (64 suits 2 cores)
         env.setdefault("VAD_MAX_QUEUE", str(GPU_MAX_QUEUE))
