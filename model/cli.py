@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from model.config import (
-    DEFAULT_INPUT_MODE, FLOW_PRESET_NAMES, INPUT_MODES, NEGATIVE_KINDS, SCORE_MODES, CalibrationConfig, ModelConfig,
-    TrainConfig,
+    BUNDLED_WEIGHTS_DIR, DEFAULT_INPUT_MODE, ENCODINGS, FLOW_PRESET_NAMES, INPUT_MODES, NEGATIVE_KINDS, SCORE_MODES,
+    CalibrationConfig, ModelConfig, TrainConfig,
 )
 from model.devices import DEVICE_PATTERN
-from model.encoding import ENCODINGS
 from model.inject import INJECT_KINDS
 
 DEFAULT_WEIGHTS = os.environ.get("VAD_WEIGHTS_DIR")
@@ -29,8 +28,6 @@ PRECISION_CHOICES = ["float32", "bf16", "fp16", "int8", "auto"]
 
 
 def weights_dir_arg(value: str | None) -> Path:
-    from model.registry import BUNDLED_WEIGHTS_DIR
-
     return Path(value or DEFAULT_WEIGHTS or BUNDLED_WEIGHTS_DIR)
 
 

@@ -7,6 +7,7 @@ folder alone (the nanoGPT pattern: one config object, saved with the weights).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 InputMode = Literal["appearance", "appearance+motion", "appearance+flow"]
@@ -22,6 +23,16 @@ NEGATIVE_KINDS: tuple[str, ...] = ("average", "speed", "motion_swap", "paste")
 LEGACY_FLOW_PRESET = "farneback"
 # The input `vad train`, a training job and ModelConfig() use when none is named.
 DEFAULT_INPUT_MODE: InputMode = "appearance+flow"
+# The registry shipped with the code (v0001-v0003); model/registry.py reads and writes registries.
+BUNDLED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+# VAD_ENCODING / PatchScorer(encoding=...): which implementation encodes frames for scoring. Both give
+# the same channels within the bounds tests/model/test_torch_encoding.py checks. "auto": torch on a
+# CUDA device (the frames go there once and the channels stay there), OpenCV on the CPU, where the
+# torch port measured several times slower than OpenCV's Farneback (docs/speed.md).
+ENCODINGS: tuple[str, ...] = ("auto", "opencv", "torch")
+# model.scoring.SkipUnchanged's defaults: 24 grey levels / 2% of a patch's values. 29% of Ped2's
+# patches go through the networks, at no measured cost on any score mode (docs/speed.md has the table).
+SKIP_LEVEL, SKIP_SHARE = 24, 0.02
 
 
 class ConfigError(ValueError):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # What --device and VAD_DEVICE accept.
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -13,6 +15,8 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 def resolve_device(requested: str | None) -> torch.device:
     """``auto`` (or nothing) -> cuda when torch sees a GPU, else cpu. Raises ValueError for a device
     this machine cannot use, naming it."""
+    import torch  # here: `vad --help` and the server's settings check device names without loading torch
+
     if requested in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not DEVICE_PATTERN.match(requested):

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import torch
 
-from model.config import ModelConfig
+from model.config import ENCODINGS, ModelConfig
 
 
 # Farneback settings (pyr_scale, levels, winsize, iterations, poly_n, poly_sigma) and the scale the
@@ -65,12 +65,6 @@ def _flow_pool() -> ThreadPoolExecutor:
             _FLOW_POOL = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="vad-flow")
         return _FLOW_POOL
 
-
-# VAD_ENCODING / PatchScorer(encoding=...): which implementation encodes frames for scoring. Both give
-# the same channels within the bounds tests/model/test_torch_encoding.py checks. "auto": torch on a
-# CUDA device (the frames go there once and the channels stay there), OpenCV on the CPU, where the
-# torch port measured several times slower than OpenCV's Farneback (docs/speed.md).
-ENCODINGS = ("auto", "opencv", "torch")
 
 
 def resolve_encoding(choice: str, device: torch.device | str) -> str:

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model import __version__
+from model.config import BUNDLED_WEIGHTS_DIR as BUNDLED_WEIGHTS_DIR  # the registry shipped with the code (defined there: torch-free)
 from model.config import ConfigError, ModelConfig
 from model.manifest import VersionManifest
 from model.networks import Detector, Refiner
@@ -35,7 +36,6 @@ ACTIVE_FILE = "ACTIVE"
 MANIFEST_FORMAT = 1
 VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
 MAX_VERSION_CHARS = 32  # a longer name is no version (and would overflow a file name)
-BUNDLED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
 
 class RegistryError(Exception):

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import torch
 
-from model.config import SCORE_MODES, ModelConfig
+from model.config import SCORE_MODES, SKIP_LEVEL, SKIP_SHARE, ModelConfig
 from model.inference import InferenceEngine
 from model.encoding import FLOW_PRESETS, encode_frames, resolve_encoding, to_model_input
 from model.torch_encoding import encode_frames_torch, encode_stack, enlarged_on_host
@@ -102,10 +102,8 @@ class SkipUnchanged:
     scores equal full scoring (up to float rounding: a batch of another size may differ in the last bit). docs/speed.md has the measured Ped2 EER and speed of settings.
     """
 
-    # 24 / 0.02: 29% of Ped2's patches through the networks, no measured cost on any score mode
-    # (docs/speed.md has the table of settings)
-    level: int = 24
-    share: float = 0.02
+    level: int = SKIP_LEVEL  # model/config.py says why these
+    share: float = SKIP_SHARE
 
     def __post_init__(self) -> None:
         if not 0 <= self.level <= 255:

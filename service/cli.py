@@ -45,9 +45,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from service.settings import Settings
+
+    overrides: dict[str, Any] = {"weights_dir": args.weights} if args.weights else {}
+    if args.processes is not None:
+        overrides["serve_processes"] = args.processes
+    settings = Settings(**overrides)
+    if settings.serve_processes > 1:  # the parent imports neither torch nor the app (tests/service/test_serve_processes.py)
+        from service.processes import serve_processes
+
+        return serve_processes(settings, args.host, args.port, overrides)
     from service.server import serve
 
-    return serve(args.host, args.port, args.weights, args.processes)
+    serve(settings, args.host, args.port)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

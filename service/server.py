@@ -69,16 +69,6 @@ def build_server(settings: Settings, host: str, port: int, share_of_cores: int =
     return Server(uvicorn_config(app, settings, host, port), app.state.services, on_started)
 
 
-def serve(host: str, port: int, weights_dir: str | None, processes: int | None = None) -> int:
-    """``vad serve``: one process, or VAD_SERVE_PROCESSES (``processes``) behind the port (service/processes.py).
-    Returns the exit status."""
-    overrides: dict[str, Any] = {"weights_dir": weights_dir} if weights_dir else {}
-    if processes is not None:
-        overrides["serve_processes"] = processes
-    settings = Settings(**overrides)
-    if settings.serve_processes > 1:
-        from service.processes import serve_processes
-
-        return serve_processes(settings, host, port, overrides)
+def serve(settings: Settings, host: str, port: int) -> None:
+    """``vad serve`` in this process (one serving process; several: service/processes.py)."""
     build_server(settings, host, port).run()
-    return 0

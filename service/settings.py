@@ -14,10 +14,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.config import FlowPreset
+from model.config import BUNDLED_WEIGHTS_DIR, SKIP_LEVEL, SKIP_SHARE, FlowPreset
 from model.devices import DEVICE_PATTERN
-from model.registry import BUNDLED_WEIGHTS_DIR
-from model.scoring import SkipUnchanged
 
 MiB = 1024 * 1024
 DropPolicy = Literal["drop_oldest", "reject_newest"]
@@ -42,8 +40,8 @@ class Settings(BaseSettings):
     skip_unchanged: bool | Literal["auto"] = Field(
         "auto", description="Reuse a patch's scores while its input stays within VAD_SKIP_LEVEL/VAD_SKIP_SHARE of the patch as last scored (static cameras). auto: on the CPU, off on CUDA (where its small per-frame steps cost more than the networks they save; docs/speed.md).",
     )
-    skip_level: int = Field(SkipUnchanged.level, ge=0, le=255, description="Grey levels a pixel value may differ by and still count as unchanged.")
-    skip_share: float = Field(SkipUnchanged.share, ge=0, lt=1, description="Share of a patch's values that may change before it is rescored.")
+    skip_level: int = Field(SKIP_LEVEL, ge=0, le=255, description="Grey levels a pixel value may differ by and still count as unchanged.")
+    skip_share: float = Field(SKIP_SHARE, ge=0, lt=1, description="Share of a patch's values that may change before it is rescored.")
     precision: Literal["float32", "bf16", "fp16", "int8", "auto"] = Field(
         "float32", description="Precision of the networks. CPU: float32, bf16 (needs AVX512-BF16 or AMX), int8 "
         "(ONNX Runtime, quantised at load on normal footage) or auto (the fastest that passes); each is checked "

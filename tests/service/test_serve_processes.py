@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +112,14 @@ def test_children_stop_when_the_parent_is_killed(tmp_path: Path, served_weights:
                  what="the children to stop once their parent is gone")
     finally:
         server.stop()
+
+
+def test_the_parent_loads_neither_torch_nor_the_app() -> None:
+    """The parent only checks the settings and keeps the children: what `vad serve --processes N` imports
+    before it starts them (torch alone would add some 250 MB to it)."""
+    probe = ("import sys; from service.cli import build_parser; from service.settings import Settings; "
+             "import service.processes; Settings(); build_parser().parse_args(['serve', '--processes', '2']); "
+             "print(sorted(m for m in ('torch', 'cv2', 'service.app', 'service.server') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]", out.stderr

@@ -192,7 +192,7 @@ def test_serve_runs_uvicorn_with_the_settings(monkeypatch: pytest.MonkeyPatch, w
     captured = {}
     monkeypatch.setenv("VAD_WS_MAX_MESSAGE_BYTES", "12345")
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: captured.setdefault("config", self.config))
-    server.serve("127.0.0.1", 8123, str(weights_dir))
+    server.serve(Settings(weights_dir=weights_dir), "127.0.0.1", 8123)
     config = captured["config"]
     assert (config.host, config.port, config.ws_max_size) == ("127.0.0.1", 8123, 12345)
     assert config.app.state.services.settings.weights_dir == weights_dir
