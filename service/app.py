@@ -21,6 +21,7 @@ from service.cameras.manager import CameraManager
 from service.deps import Services
 from service.errors import install_error_handlers
 from service.events.recorder import EventRecorder
+from service.events.relay import EventRelay
 from service.events.webhooks import WebhookOutbox
 from service.jobs.service import TrainingService
 from service.jobs.store import SqlJobStore
@@ -83,6 +84,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     training = TrainingService(settings, metrics, services.store, SqlJobStore(replica.database))
     webhooks = WebhookOutbox(settings, metrics, replica)  # VAD_WEBHOOK_URLS: opened/closed events, from a persistent outbox
     webhooks.attach(services.events.bus)
+    relay = EventRelay(replica.database, replica.id, services.events.bus)  # the other replicas' changes, to SSE
+    relay.attach()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -92,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await replica.start()  # before the events: live replicas' open events are theirs
             await webhooks.start()  # before the events: their start closes (publishes) what a crash left open
             await services.events.start()
+            await relay.start()
             await services.store.start()
             await training.start()
             await services.cameras.start()  # the stored cameras, once a model is loaded
@@ -100,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await services.cameras.stop()  # before the events: a camera's open event closes
             await training.stop()
             await services.store.stop()
+            await relay.stop()
             await services.events.stop()
             await webhooks.stop()
             await replica.stop()  # last: the others see it gone, and take over, at once

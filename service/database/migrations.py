@@ -130,6 +130,18 @@ CREATE INDEX cameras_owner ON cameras (owner);
 ALTER TABLE events ADD COLUMN replica TEXT;
 ALTER TABLE webhook_outbox ADD COLUMN claimed_by TEXT
 """),
+    # Each replica's event changes, for the other replicas' SSE streams (service/events/relay.py);
+    # rows are kept for a minute.
+    Migration(3, "event changes relayed between replicas", """
+CREATE TABLE event_changes (
+    seq {serial_key},
+    replica TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    event TEXT NOT NULL,
+    at {float_type} NOT NULL
+);
+CREATE INDEX event_changes_at ON event_changes (at)
+"""),
 )
 
 

@@ -42,6 +42,12 @@ class EventBus:
         for queue in self._queues:
             self._put(queue, (kind, event))
 
+    def relay(self, kind: str, event: dict[str, Any]) -> None:
+        """A change made on another replica (service/events/relay.py): to the subscribers only. The
+        listeners (the webhook outbox) have had it on the replica that made it."""
+        for queue in self._queues:
+            self._put(queue, (kind, event))
+
     def close(self) -> None:
         """The server is stopping: every subscriber gets None (its stream ends) and so will new ones.
         Listeners are kept: events still closing during shutdown reach the webhook outbox."""

@@ -254,3 +254,25 @@ def test_sse_heartbeat_and_disconnect(live_server: Callable[..., LiveServer], mo
         assert next(messages) == {"comment": "heartbeat"}
         assert len(bus._queues) == 1
     wait_until(lambda: not bus._queues, "the stream's subscription to end after the client left")
+
+
+def test_sse_carries_the_events_of_another_replica(live_server: Callable[..., LiveServer]) -> None:
+    """Two servers on one database (as behind a load balancer, or `vad serve --processes 2`): a stream
+    on B receives the event A's source makes, relayed through the database (service/events/relay.py)."""
+    a, b = live_server(), live_server()
+    received: list[dict[str, str]] = []
+    with httpx.stream("GET", f"{b.url}/v1/events/stream", timeout=WAIT_S) as response:
+        messages = sse_messages(response.iter_lines())
+        assert next(messages) == {"comment": "subscribed"}
+        fed = on_server_loop(a, feed(a.services, "gate", planted()))
+        for message in messages:
+            if "event" in message:
+                received.append(message)
+            if message.get("event") == "closed":
+                break
+    fed.result(timeout=WAIT_S)
+    events = [json.loads(m["data"]) for m in received]
+    kinds = [m["event"] for m in received]
+    assert kinds[0] == "opened" and kinds.count("opened") == 1 and kinds.count("closed") == 1  # each change once
+    assert events[-1]["state"] == "closed" and all(m["id"] == events[0]["id"] for m in received)
+    assert httpx.get(f"{b.url}/v1/events/{events[0]['id']}").json() == events[-1]
