@@ -5,7 +5,8 @@ whichever replica runs it.
 Per camera the task takes the newest frame, scores it with a ``BatchedStream`` (source label
 ``camera``; a new one when the served version changes, carrying the motion channel as a WebSocket
 stream does), records the camera's metrics (frames, anomalous frames, capture-to-score lag), keeps
-the latest frame and result for ``latest.jpg`` / ``latest-heatmap.png``, and reports every scored
+the latest frame and result for ``latest.jpg`` / ``latest-heatmap.png`` (also written to the data
+folder for the other replicas while there are any: service/cameras/shared_latest.py), and reports every scored
 frame to the event recorder (``events.source("camera", name)``, fenced by the camera's lease), whose
 open event it finishes when the camera stops here. A frame that finds the batcher full, or no model
 loaded, is dropped and counted.
@@ -31,6 +32,8 @@ from model.results import FrameResult
 from service.background import cancel_and_wait
 from service.batcher import Batcher
 from service.cameras.leases import Assignment, CameraLeases, Lease, Placement
+from service.cameras.shared_latest import EVERY_S as SHARE_EVERY_S
+from service.cameras.shared_latest import SharedLatest
 from service.cameras.source import DISABLED, FAILED, STATES, Backoff, CameraSource, SourceStatus
 from service.cameras.store import Camera, CameraExistsError, CameraLimitError, CameraStore
 from service.cameras.urls import UrlPolicy, redact
@@ -77,6 +80,7 @@ class _Watch:
     task: asyncio.Task[None] | None = None
     scorer: BatchedStream | None = None
     latest: Latest | None = None
+    shared_at: float = float("-inf")  # time.monotonic() the latest pictures were last written for the others
     reconnects_counted: int = 0  # of status.reconnects, added to the metric so far
 
 
@@ -98,6 +102,8 @@ class CameraManager:
         self.backoff = Backoff(settings.camera_reconnect_initial_s, settings.camera_reconnect_max_s,
                                settings.camera_open_timeout_s)
         self.watches: dict[str, _Watch] = {}  # the cameras running here
+        self.shared = SharedLatest(settings.data_dir)
+        self.others_live = False  # other replicas were live at the last reconcile: share the latest pictures
         self._lock = asyncio.Lock()  # one reconcile or change at a time
         self._held_until = 0.0  # time.monotonic() when this replica's leases lapse unless renewed
         self._stopped = False
@@ -163,14 +169,10 @@ class CameraManager:
         log.info("camera %s deleted", name)
 
     async def latest_jpeg(self, name: str) -> bytes:
-        latest = await self._latest(name)
-        return frame_jpeg(latest.gray, LATEST_MAX_SIDE)
+        return await self._picture(name, "jpeg")
 
     async def latest_heatmap(self, name: str) -> bytes:
-        latest = await self._latest(name)
-        height, width = latest.gray.shape
-        geometry = MapGeometry.of(latest.model.scorer.config, height, width)
-        return heatmap_png(latest.gray, latest.result.map, geometry, LATEST_MAX_SIDE)
+        return await self._picture(name, "heatmap")
 
     # --- views ----------------------------------------------------------------------------------
 
@@ -224,6 +226,7 @@ class CameraManager:
                     await self._run_only({})
                 raise
             self._held_until = asked_at + self.replica.lease_s
+            self.others_live = assignment.live_replicas > 1
             await self._apply(assignment)
 
     async def _apply(self, assignment: Assignment) -> None:
@@ -254,6 +257,24 @@ class CameraManager:
         return stopped
 
     # --- running cameras ------------------------------------------------------------------------
+
+    async def _picture(self, name: str, kind: str) -> bytes:
+        """A camera's latest picture (``jpeg`` or ``heatmap``): rendered here where it runs, else the
+        one its owner left in the data folder (fresh), else what ``_latest`` raises."""
+        if name not in self.watches:
+            placement = await self._placement(name)  # CameraNotFound first: a deleted camera has no picture
+            if placement.owner is not None:
+                shared = await asyncio.to_thread(self.shared.read, name, kind, time.time())
+                if shared is not None:
+                    return shared
+        return _render(await self._latest(name), kind)
+
+    async def _share(self, name: str, latest: Latest) -> None:
+        """Write the camera's latest pictures for the other replicas (rendered off the event loop)."""
+        try:
+            await asyncio.to_thread(self.shared.write, name, {kind: _render(latest, kind) for kind in ("jpeg", "heatmap")})
+        except OSError as exc:  # the camera keeps being scored; the others answer 409 meanwhile
+            log.warning("camera %s: could not write its latest pictures for the other replicas: %s", name, exc)
 
     async def _latest(self, name: str) -> Latest:
         """A camera's latest scored frame, kept only in the memory of the replica that runs it:
@@ -308,6 +329,7 @@ class CameraManager:
             log.exception("closing camera %s's open event failed", watch.camera.name)
         if forget:
             self._forget_metrics(watch.camera.name)
+            await asyncio.to_thread(self.shared.remove, watch.camera.name)
 
     async def _score_frames(self, watch: _Watch, source: CameraSource) -> None:
         name, events = watch.camera.name, watch.events
@@ -333,6 +355,9 @@ class CameraManager:
                 continue
             self._record_frame(name, watch.status, result, frame.captured_at)
             watch.latest = Latest(frame.gray, result, model, frame.captured_at)
+            if self.others_live and time.monotonic() - watch.shared_at >= SHARE_EVERY_S:
+                watch.shared_at = time.monotonic()
+                await self._share(name, watch.latest)
             try:
                 await events.observe(frame.gray, result, model, frame.captured_at)
             except Exception:  # the camera keeps being scored whatever the event recorder does
@@ -376,6 +401,15 @@ class CameraManager:
                 pass
         for state in STATES:
             zero_and_remove(self.metrics.camera_state, name, state)
+
+
+def _render(latest: Latest, kind: str) -> bytes:
+    """``jpeg``: the frame; ``heatmap``: the frame with its anomaly map over it; both shrunk to LATEST_MAX_SIDE."""
+    if kind == "jpeg":
+        return frame_jpeg(latest.gray, LATEST_MAX_SIDE)
+    height, width = latest.gray.shape
+    geometry = MapGeometry.of(latest.model.scorer.config, height, width)
+    return heatmap_png(latest.gray, latest.result.map, geometry, LATEST_MAX_SIDE)
 
 
 def _iso(seconds: float | None) -> str | None:

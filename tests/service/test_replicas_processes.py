@@ -1,6 +1,8 @@
 """Two real `vad serve` replicas on one database (the SQLite file both open, then a real PostgreSQL
 server) sharing four file cameras and a webhook URL: a replica started later gets its fair share,
-each camera runs on exactly one replica, each event reaches the webhook receiver once; a replica
+each camera runs on exactly one replica, the other serves its latest pictures from the shared data
+folder (SQLite) or names its owner (PostgreSQL, a data folder each), each event reaches the webhook
+receiver once; a replica
 killed with SIGKILL has its cameras and open events taken over by the other; a clean stop gives
 everything back. Waits have generous limits and the assertions are on what happened, not on when."""
 
@@ -15,7 +17,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import cv2
 import httpx
+import numpy as np
 import pytest
 
 from service.database import database_for
@@ -51,8 +55,17 @@ class Deployment:
         self.root = root
         self.servers: list[ServerProcess] = []
 
+    @property
+    def shared_data(self) -> bool:
+        """On SQLite the replicas share the data folder (the database is in it), as on one host; on
+        PostgreSQL each has its own, as on hosts with volumes of their own."""
+        return "database_url" not in self.values
+
     def start(self, replica: str) -> ServerProcess:
-        server = ServerProcess({**self.values, "replica_id": replica}, self.root / f"{replica}.log")
+        values = {**self.values, "replica_id": replica}
+        if not self.shared_data:
+            values["data_dir"] = str(self.root / f"data-{replica}")
+        server = ServerProcess(values, self.root / f"{replica}.log")
         self.servers.append(server)
         return server.start()
 
@@ -69,6 +82,10 @@ def deployment(tmp_path: Path, served_weights: Path, database_url: str | None) -
     for server in deployment.servers:
         server.stop()
     receiver.close()
+
+
+def ok(response: httpx.Response) -> httpx.Response | None:
+    return response if response.status_code == 200 else None
 
 
 def views(server: ServerProcess) -> dict[str, dict[str, Any]]:
@@ -121,11 +138,18 @@ def test_replicas_share_cameras_and_webhooks_and_take_over_from_a_killed_one(
         other = "replica-b" if owner == "replica-a" else "replica-a"
         assert runs(servers[owner], name) and not runs(servers[other], name), (name, owner)
         assert metric(servers[owner], "vad_replica_cameras", "vad_replica_cameras") == 2
-        elsewhere = httpx.get(f"{servers[other].url}/v1/cameras/{name}/latest.jpg", timeout=30)
-        assert elsewhere.status_code == 409 and elsewhere.json()["error"]["code"] == "camera_elsewhere"
-        assert owner in elsewhere.json()["error"]["message"]
         wait_for(lambda: httpx.get(f"{servers[owner].url}/v1/cameras/{name}/latest.jpg", timeout=30).status_code == 200,
                  WAIT_S, what=f"{name}'s latest frame on its replica")
+        if setup.shared_data:  # the other replica serves the pictures the owner leaves in the data folder
+            for picture, kind in (("latest.jpg", "image/jpeg"), ("latest-heatmap.png", "image/png")):
+                shared = wait_for(lambda: ok(httpx.get(f"{servers[other].url}/v1/cameras/{name}/{picture}", timeout=30)),
+                                  WAIT_S, what=f"{name}'s {picture} on the replica not running it")
+                assert shared.headers["content-type"] == kind and cv2.imdecode(np.frombuffer(shared.content, np.uint8),
+                                                                              cv2.IMREAD_UNCHANGED) is not None
+        else:  # no shared folder: the other replica names the owner
+            elsewhere = httpx.get(f"{servers[other].url}/v1/cameras/{name}/latest.jpg", timeout=30)
+            assert elsewhere.status_code == 409 and elsewhere.json()["error"]["code"] == "camera_elsewhere"
+            assert owner in elsewhere.json()["error"]["message"]
 
     # events of both replicas' cameras, each delivered once although both replicas send the outbox
     def closed_events() -> list[dict[str, Any]]:
