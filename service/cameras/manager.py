@@ -271,8 +271,11 @@ class CameraManager:
 
     async def _share(self, name: str, latest: Latest) -> None:
         """Write the camera's latest pictures for the other replicas (rendered off the event loop)."""
+        def render_and_write() -> None:
+            self.shared.write(name, {kind: _render(latest, kind) for kind in ("jpeg", "heatmap")})
+
         try:
-            await asyncio.to_thread(self.shared.write, name, {kind: _render(latest, kind) for kind in ("jpeg", "heatmap")})
+            await asyncio.to_thread(render_and_write)
         except OSError as exc:  # the camera keeps being scored; the others answer 409 meanwhile
             log.warning("camera %s: could not write its latest pictures for the other replicas: %s", name, exc)
 
