@@ -66,7 +66,6 @@ def _flow_pool() -> ThreadPoolExecutor:
         return _FLOW_POOL
 
 
-
 def resolve_encoding(choice: str, device: torch.device | str) -> str:
     """``auto`` -> ``torch`` on CUDA, ``opencv`` elsewhere; ``opencv`` and ``torch`` as asked."""
     if choice not in ENCODINGS:
