@@ -214,23 +214,29 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.05)
 
 
-def test_sse_delivers_opened_and_closed(live_server: Callable[..., LiveServer]) -> None:
-    server = live_server()
-    bus = server.services.events.bus
+def streamed_event(listening: LiveServer, making: LiveServer) -> list[dict[str, str]]:
+    """The SSE messages ``listening`` sends while ``making``'s source "gate" scores the planted
+    anomaly, up to the event's ``closed``."""
     received: list[dict[str, str]] = []
-    with httpx.stream("GET", f"{server.url}/v1/events/stream", timeout=WAIT_S) as response:
+    with httpx.stream("GET", f"{listening.url}/v1/events/stream", timeout=WAIT_S) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         messages = sse_messages(response.iter_lines())
         assert next(messages) == {"comment": "subscribed"}
-        fed = on_server_loop(server, feed(server.services, "gate", planted()))
+        fed = on_server_loop(making, feed(making.services, "gate", planted()))
         for message in messages:
             if "event" in message:
                 received.append(message)
             if message.get("event") == "closed":
                 break
     fed.result(timeout=WAIT_S)
+    return received
 
+
+def test_sse_delivers_opened_and_closed(live_server: Callable[..., LiveServer]) -> None:
+    server = live_server()
+    bus = server.services.events.bus
+    received = streamed_event(server, server)
     kinds = [m["event"] for m in received]
     assert kinds[0] == "opened" and kinds[-1] == "closed" and set(kinds) <= {"opened", "updated", "closed"}
     events = [json.loads(m["data"]) for m in received]
@@ -260,17 +266,7 @@ def test_sse_carries_the_events_of_another_replica(live_server: Callable[..., Li
     """Two servers on one database (as behind a load balancer, or `vad serve --processes 2`): a stream
     on B receives the event A's source makes, relayed through the database (service/events/relay.py)."""
     a, b = live_server(), live_server()
-    received: list[dict[str, str]] = []
-    with httpx.stream("GET", f"{b.url}/v1/events/stream", timeout=WAIT_S) as response:
-        messages = sse_messages(response.iter_lines())
-        assert next(messages) == {"comment": "subscribed"}
-        fed = on_server_loop(a, feed(a.services, "gate", planted()))
-        for message in messages:
-            if "event" in message:
-                received.append(message)
-            if message.get("event") == "closed":
-                break
-    fed.result(timeout=WAIT_S)
+    received = streamed_event(b, a)
     events = [json.loads(m["data"]) for m in received]
     kinds = [m["event"] for m in received]
     assert kinds[0] == "opened" and kinds.count("opened") == 1 and kinds.count("closed") == 1  # each change once
