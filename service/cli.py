@@ -44,6 +44,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def process_counts(value: str) -> list[int]:
+    """--processes of vad bench: one count or a comma-separated list of them."""
+    return [positive_int(part) for part in value.split(",")]
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.settings import Settings
 
@@ -90,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--peer", choices=["torchserve"],
                        help="also serve the version with TorchServe (benchmark-only, installed into ~/.cache/vad-bench; "
                             "needs Java 17) and compare it on the same clips and streams")
-    bench.add_argument("--processes", type=positive_int, default=1,
-                       help="serving processes of the measured server (VAD_SERVE_PROCESSES; default 1)")
+    bench.add_argument("--processes", type=process_counts, default=[1],
+                       help="serving processes of the measured server (VAD_SERVE_PROCESSES; default 1); a list "
+                            "such as 1,4 measures the server with each count in the same run")
     bench.set_defaults(func=cmd_bench)
 
     worker = sub.add_parser("worker", help="run queued training jobs (POST /v1/training-jobs) until stopped")

@@ -8,6 +8,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,13 @@ def run_bench(
     weights_dir: Path, version: str | None = None, quick: bool = False, dataset_root: Path | None = None,
     eval_clips: list[str] | None = None, naive_frames: int | None = None, stream_seconds: float | None = None,
     service: bool = True, ablate: bool = True, flow: str | None = None, device: str = "auto", peer: str | None = None,
-    processes: int = 1,
+    processes: Sequence[int] = (1,),
 ) -> dict[str, Any]:
     """Every figure of docs/speed.md in one run. ``device``: where the networks run (``auto``: CUDA
     when there is a GPU, as `vad serve` does); the roofline is that device's float32 matmul. ``peer``:
     also serve the version with that model server (``torchserve``) and measure it beside the service.
-    ``processes``: the server's VAD_SERVE_PROCESSES."""
+    ``processes``: the server's VAD_SERVE_PROCESSES; with several counts the first gives the service
+    figures and every count is measured in ``service_by_processes`` (clips, streams, memory)."""
     threads, workers = torch.get_num_threads(), inference.CPU_WORKERS
     try:
         return _run_bench(weights_dir, version, quick, dataset_root, eval_clips, naive_frames, stream_seconds,
@@ -54,7 +56,7 @@ def run_bench(
 def _run_bench(
     weights_dir: Path, version: str | None, quick: bool, dataset_root: Path | None, eval_clips: list[str] | None,
     naive_frames: int | None, stream_seconds: float | None, service: bool, ablate: bool, flow: str | None,
-    device: torch.device, peer: str | None = None, processes: int = 1,
+    device: torch.device, peer: str | None = None, processes: Sequence[int] = (1,),
 ) -> dict[str, Any]:
     """run_bench on a resolved device, the process's thread set-up left to the caller to restore."""
     started = time.perf_counter()
@@ -173,8 +175,19 @@ def _run_bench(
 
     if service:
         result.update(service_section(weights_dir, version, footage, m["frames_per_s"], quick, stream_seconds, flow,
-                                      device, processes))
+                                      device, processes[0]))
+        if len(processes) > 1:  # the same server with other process counts, in the same run (no cameras)
+            others = {count: service_section(weights_dir, version, footage, m["frames_per_s"], quick, stream_seconds,
+                                             flow, device, count, cameras=False) for count in processes[1:]}
+            result["service_by_processes"] = {str(count): _service_summary(part) for count, part in
+                                              [(processes[0], result), *others.items()]}
     if peer:
         result["peer"] = peer_section(peer, weights_dir, version, footage, result, quick, stream_seconds)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def _service_summary(section: dict[str, Any]) -> dict[str, Any]:
+    """What ``service_by_processes`` keeps of one service section."""
+    return {"clips_frames_per_s": section["service"]["frames_per_s"], "ratio_to_model": section["service"]["ratio_to_model"],
+            "max_realtime_streams": section["max_realtime_streams"], "peak_rss_mb": section["peak_rss_mb"]}

@@ -229,10 +229,10 @@ def streams_section(open_stream: StreamOpener, frames: list[bytes], quick: bool,
 
 def service_section(weights_dir: Path, version: str, footage: Footage, model_fps: float, quick: bool,
                     stream_seconds: float | None, flow: str | None = None,
-                    device: torch.device = torch.device("cpu"), processes: int = 1) -> dict[str, Any]:
+                    device: torch.device = torch.device("cpu"), processes: int = 1, cameras: bool = True) -> dict[str, Any]:
     """``service``, ``streams``, ``max_realtime_streams``, ``realtime_rule`` and ``peak_rss_mb`` of a
     server of ``version`` on ``device`` with ``processes`` serving processes (VAD_SERVE_PROCESSES);
-    ``model_fps`` is the model path's frames/s to compare with."""
+    ``model_fps`` is the model path's frames/s to compare with; ``cameras``: also the cameras section."""
     out: dict[str, Any] = {"service_processes": processes}
     env = {**os.environ, "VAD_LOG_LEVEL": "warning", "VAD_DEVICE": str(device), "VAD_SERVE_PROCESSES": str(processes),
            **({"VAD_FLOW_PRESET": flow} if flow else {})}
@@ -261,7 +261,8 @@ def service_section(weights_dir: Path, version: str, footage: Footage, model_fps
             out["max_realtime_streams"] = best_k
             out["realtime_rule"] = (f"every frame answered with a score, each stream at >= 95% of {CAMERA_FPS:g} "
                                     f"frames/s, p99 <= {REALTIME_P99_MS:g} ms")
-            out.update(cameras_section(server, clips, quick, stream_seconds or (1.0 if quick else 10.0)))
+            if cameras:
+                out.update(cameras_section(server, clips, quick, stream_seconds or (1.0 if quick else 10.0)))
             out["peak_rss_mb"] = server.peak_rss_mb()
             say(f"max real-time streams: {best_k}; server peak RSS {out['peak_rss_mb']} MB")
     return out

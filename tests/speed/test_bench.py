@@ -15,7 +15,7 @@ from service.cli import main
 
 def test_quick_bench_writes_every_key(trained_weights: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--weights", str(trained_weights), "--json", str(out)]) == 0
+    assert main(["bench", "--quick", "--weights", str(trained_weights), "--json", str(out), "--processes", "1,2"]) == 0
     data = json.loads(out.read_text())
 
     def positive(value: object) -> bool:
@@ -34,6 +34,12 @@ def test_quick_bench_writes_every_key(trained_weights: Path, tmp_path: Path) -> 
         assert 0 < stream["p50_ms"] <= stream["p95_ms"] <= stream["p99_ms"]
     assert isinstance(data["max_realtime_streams"], int) and data["max_realtime_streams"] >= 0
     assert positive(data["peak_rss_mb"])
+    # the server measured again with 2 serving processes in the same run (their memory summed)
+    assert data["service_processes"] == 1 and set(data["service_by_processes"]) == {"1", "2"}
+    for count in ("1", "2"):
+        part = data["service_by_processes"][count]
+        assert positive(part["clips_frames_per_s"]) and positive(part["peak_rss_mb"]) and part["max_realtime_streams"] >= 0
+    assert data["service_by_processes"]["2"]["peak_rss_mb"] > data["service_by_processes"]["1"]["peak_rss_mb"]
     assert data["full"]["frames"] > 0 and 0 < data["full"]["scored_patch_share"] <= 1
     decoding = data["decoding"]
     assert positive(decoding["frames"]["opencv_1_thread_frames_per_s"]) and positive(decoding["frames"]["opencv_pool_frames_per_s"])
