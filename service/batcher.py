@@ -12,8 +12,9 @@ a job larger than ``max_batch_patches`` runs alone (raw_scores then chunks it).
 Frames to encode on the device (``score_frames``; the torch encoding, model/torch_encoding.py) are jobs
 too: the inference thread encodes the chunks of every stream in a batch in one pass
 (model.scoring.prepare_streams), runs the unchanged-patch test, and sends all their patches through
-the networks together, so hundreds of single-frame streams share one encoding pass and one forward
-pass instead of each paying a GPU pass of its own. With the OpenCV encoding, requests prepare their
+the networks together, then finishes them together (model.scoring.finish_streams), so hundreds of
+single-frame streams share one encoding pass, one forward pass and one finishing step instead of each
+paying its own. With the OpenCV encoding, requests prepare their
 patches in worker threads (the CPU's cores) and submit the patches (``score``).
 
 Admission control: ``max_queue`` bounds the scoring *requests* admitted at once (a clip upload, a
@@ -38,7 +39,8 @@ import torch
 
 from model.encoding import processing_size
 from model.patches import GridShape, grid_shape
-from model.scoring import FrameStream, prepare_streams
+from model.results import FrameResult
+from model.scoring import FrameStream, finish_streams, prepare_streams
 from service.background import cancel_and_wait
 from service.errors import InferenceFailed, NotReady, Overloaded
 from service.metrics import Metrics
@@ -133,10 +135,10 @@ class Batcher:
 
     async def score_frames(
         self, model: ServingModel, stream: FrameStream, gray: np.ndarray,
-    ) -> tuple[torch.Tensor, GridShape, int]:
+    ) -> list[FrameResult]:
         """A chunk of ``stream``'s (T, H, W) frames, prepared (encoded on the device, unchanged patches
-        left out) together with the other chunks of its batch -> (raw components of the patches
-        scored, grid, T), for ``stream.finish``. ``stream`` must have no other chunk in flight."""
+        left out), scored and finished together with the other chunks of its batch -> one result per
+        frame. ``stream`` must have no other chunk in flight."""
         config = model.scorer.config
         grid = grid_shape(*processing_size(*gray.shape[1:], config), config.patch_size, config.stride)
         return await self._submit(model, None, (stream, gray), gray.shape[0] * grid.rows * grid.cols)
@@ -205,7 +207,8 @@ class Batcher:
         return batch
 
     def _forward(self, model: ServingModel, batch: list[_Job]) -> tuple[list[Any], float]:
-        """The batch's results in job order: raw components (patch jobs) or (raw, grid, T) (chunks)."""
+        """The batch's results in job order: raw components (patch jobs) or frame results (chunks:
+        finished together, model.scoring.finish_streams)."""
         started = time.perf_counter()
         chunks = [job.chunk for job in batch if job.chunk is not None]
         prepared = iter(prepare_streams(chunks)) if chunks else iter(())
@@ -213,9 +216,18 @@ class Batcher:
         parts = [plan if isinstance(plan, torch.Tensor) else plan[0] for plan in plans]
         patches = parts[0] if len(parts) == 1 else torch.cat(parts)
         raw = model.scorer.raw_scores(patches, batch_size=self.max_batch_patches)
-        results = []
-        for plan, part in zip(plans, raw.split([p.shape[0] for p in parts])):
-            results.append(part if isinstance(plan, torch.Tensor) else (part, plan[1], plan[2]))
+        results: list[Any] = []
+        finishing: list[tuple[int, tuple[FrameStream, torch.Tensor, GridShape, int]]] = []
+        for job, plan, part in zip(batch, plans, raw.split([p.shape[0] for p in parts])):
+            if isinstance(plan, torch.Tensor):
+                results.append(part)
+            else:
+                assert job.chunk is not None
+                finishing.append((len(results), (job.chunk[0], part, plan[1], plan[2])))
+                results.append(None)
+        if finishing:
+            for (position, _), frames in zip(finishing, finish_streams([chunk for _, chunk in finishing])):
+                results[position] = frames
         return results, time.perf_counter() - started
 
     async def _execute(self, batch: list[_Job]) -> None:

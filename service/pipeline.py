@@ -3,8 +3,9 @@
 ``BatchedStream`` is a model.scoring.FrameStream whose forward pass is a batcher job. With the OpenCV
 encoding, prepare (motion channel + patch grid) runs in a worker thread and the patches are the job;
 with the torch encoding the frames are the job, and the batcher's inference thread encodes every
-chunk of a batch together on the device. finish (calibrated scores, maps, smoothing) runs in a worker
-thread, so the event loop only coordinates.
+chunk of a batch together on the device and finishes them together (calibrated scores, maps,
+smoothing: model.scoring.finish_streams). With OpenCV, finish runs in a worker thread, so the event
+loop only coordinates.
 It is pinned to one ServingModel for its whole life.
 """
 
@@ -55,12 +56,12 @@ class BatchedStream:
     async def score(self, gray: np.ndarray) -> list[FrameResult]:
         """(T, H, W) uint8 frames, in stream order -> one result per frame."""
         started = time.perf_counter()
-        if self.model.scorer.encoding == "torch":  # encoded on the device, batched with other streams
-            raw, grid, count = await self.batcher.score_frames(self.model, self.stream, gray)
+        if self.model.scorer.encoding == "torch":  # encoded, scored and finished with the batch's other streams
+            results = await self.batcher.score_frames(self.model, self.stream, gray)
         else:  # OpenCV on this request's worker thread, in parallel with other requests
             patches, grid, count = await asyncio.to_thread(self.stream.prepare, gray)
             raw = await self.batcher.score(self.model, patches)
-        results = await asyncio.to_thread(self.stream.finish, raw, grid, count)
+            results = await asyncio.to_thread(self.stream.finish, raw, grid, count)
         self.score_seconds += time.perf_counter() - started
         self.metrics.record_frames(self.source, len(results), sum(r.anomalous for r in results))
         return results

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from model.offline import FRAMES_PER_BATCH
-from model.scoring import FrameStream, PatchScorer, SkipUnchanged, prepare_streams
+from model.scoring import FrameStream, PatchScorer, SkipUnchanged, finish_streams, prepare_streams
 from service.bench.footage import CAMERA_FPS, Footage
 from service.bench.timing import best_seconds, synchronized
 
@@ -31,8 +31,9 @@ def full_path_side_by_side(scorer: PatchScorer, footage: Footage, skip: SkipUnch
                            chunk_frames: int = FRAMES_PER_BATCH) -> dict[str, Any]:
     """Every clip as its own stream, all advancing together: each round prepares the next chunk of
     every clip in one pass (model.scoring.prepare_streams: one encoding pass on the device with the
-    torch encoding), runs all their patches through the networks at once and finishes each clip's
-    chunk. The scores are those of ``full_path`` (each stream's own state); only the batching differs."""
+    torch encoding), runs all their patches through the networks at once and finishes the chunks
+    together (model.scoring.finish_streams), as the server's batcher does. The scores are those of
+    ``full_path`` (each stream's own state); only the batching differs."""
     started = time.perf_counter()
     streams = [FrameStream(scorer, CAMERA_FPS, skip=skip) for _ in footage.clips]
     clip_scores: list[list[float]] = [[] for _ in footage.clips]
@@ -42,11 +43,33 @@ def full_path_side_by_side(scorer: PatchScorer, footage: Footage, skip: SkipUnch
                 if start < len(gray)]
         prepared = prepare_streams([(streams[i], chunk) for i, chunk in live])
         raw = scorer.raw_scores(torch.cat([patches for patches, _, _ in prepared]))
-        for (i, _), (patches, grid, count), part in zip(live, prepared, raw.split([p.shape[0] for p, _, _ in prepared])):
-            clip_scores[i] += [r.score for r in streams[i].finish(part, grid, count)]
+        parts = raw.split([p.shape[0] for p, _, _ in prepared])
+        finished = finish_streams([(streams[i], part, grid, count)
+                                   for (i, _), (_, grid, count), part in zip(live, prepared, parts)])
+        for (i, _), results in zip(live, finished):
+            clip_scores[i] += [r.score for r in results]
     out = _figures(scorer, footage, skip, streams, clip_scores, time.perf_counter() - started)
     out["chunk_frames"] = chunk_frames
     return out
+
+
+def finishing(scorer: PatchScorer, footage: Footage, streams: int = 256, quick: bool = False) -> dict[str, Any]:
+    """What finishing costs per single-frame stream chunk (calibrated scores, maps, smoothing) when
+    ``streams`` chunks are finished one by one (each ``FrameStream.finish``) and together in one
+    step (``finish_streams``, what the batcher does with the torch encoding). It runs on the CPU
+    either way: the networks' output comes back from the device first."""
+    gray = footage.frames(2)
+    live = [FrameStream(scorer, CAMERA_FPS, skip=None) for _ in range(streams)]
+    for stream in live:
+        stream.prepare(gray[:1])  # a predecessor, so the next frame has motion
+    prepared = [stream.prepare(gray[1:2]) for stream in live]
+    raw = scorer.raw_scores(torch.cat([patches for patches, _, _ in prepared])).split([p.shape[0] for p, _, _ in prepared])
+    chunks = [(stream, part, grid, count) for stream, part, (_, grid, count) in zip(live, raw, prepared)]
+    window, repeats = (0.02, 1) if quick else (0.3, 5)
+    alone = best_seconds(lambda: [stream.finish(part, grid, count) for stream, part, grid, count in chunks], window, repeats)
+    together = best_seconds(lambda: finish_streams(chunks), window, repeats)
+    return {"streams": streams, "one_by_one_us_per_stream": round(alone / streams * 1e6, 1),
+            "together_us_per_stream": round(together / streams * 1e6, 1)}
 
 
 def _figures(scorer: PatchScorer, footage: Footage, skip: SkipUnchanged | None, streams: list[FrameStream],

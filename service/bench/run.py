@@ -21,7 +21,7 @@ from model.offline import scorer_for
 from model.scoring import SkipUnchanged
 from service.bench.ablation import ablation
 from service.bench.footage import Footage, default_dataset_root
-from service.bench.full_path import full_path, full_path_side_by_side
+from service.bench.full_path import finishing, full_path, full_path_side_by_side
 from model.cpu_features import detect_cpu_features
 from service.bench.model_path import (
     cpu_precisions_here, cuda_section, cut_patches, model_path, naive_loop, precision_path, required_flops,
@@ -169,6 +169,10 @@ def _run_bench(
         say(f"  alternative (skip {alt['skip']}): {alt['frames_per_s']} frames/s, {alt['scored_patch_share']:.0%} scored, "
             f"EER {alt.get('eer')} AUC {alt.get('auc')}")
 
+    result["finishing"] = finishing(scorer, footage, streams=16 if quick else 256, quick=quick)
+    say(f"finishing {result['finishing']['streams']} single-frame stream chunks: "
+        f"{result['finishing']['one_by_one_us_per_stream']} us each one by one, "
+        f"{result['finishing']['together_us_per_stream']} us each together")
     if on_cuda:
         result["cuda"] = cuda_section(loaded, channels, m["gflops_per_frame"] * 1e9, quick)
     result["decoding"] = decoding_section(footage, device, quick)

@@ -1,6 +1,7 @@
 """prepare_streams (model/scoring.py): several streams' chunks encoded in one pass give each stream
 exactly what its own FrameStream.prepare gives, whatever mix of streams, rates, first chunks and
-sizes a batch holds (issue 15 items 1 and 3: encoding batched across streams)."""
+sizes a batch holds (issue 15 items 1 and 3: encoding batched across streams); finish_streams
+finishes them together exactly as each stream's own finish would."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from model import registry
 from model.offline import scorer_for
-from model.scoring import FrameStream, prepare_streams
+from model.scoring import FrameStream, finish_streams, prepare_streams
 from tests.support import synthetic_frames
 
 DEVICES = [
@@ -50,14 +51,20 @@ def test_streams_prepared_together_equal_each_alone(device: str) -> None:
     ]
     for batch in batches:
         got = prepare_streams([(together[s], chunk) for s, chunk in batch])
+        finishing = []
         for (s, chunk), (patches, grid, count) in zip(batch, got):
             want_patches, want_grid, want_count = alone[s].prepare(chunk)
             assert (grid, count) == (want_grid, want_count)
             assert patches.shape == want_patches.shape, (s, patches.shape, want_patches.shape)
             assert torch.equal(patches.cpu(), want_patches.cpu()), f"stream {s}: patches differ"
-            # finish both alike, so the next chunk's unchanged-patch test starts from the same reference
-            raw = scorer.raw_scores(patches)
-            assert [r.score for r in together[s].finish(raw, grid, count)] == [r.score for r in alone[s].finish(raw, grid, count)]
+            finishing.append((together[s], scorer.raw_scores(patches), grid, count))
+        # the batch's chunks finished together equal each finished alone (and leave the same
+        # reference for the next chunk's unchanged-patch test)
+        for (s, _), (_, raw, grid, count), results in zip(batch, finishing, finish_streams(finishing)):
+            want = alone[s].finish(raw, grid, count)
+            assert [(r.index, r.score, r.anomalous, r.uncertain) for r in results] == [
+                (r.index, r.score, r.anomalous, r.uncertain) for r in want], f"stream {s}"
+            assert all(np.array_equal(r.map, w.map) for r, w in zip(results, want)), f"stream {s}: maps differ"
 
 
 def test_one_chunk_per_stream() -> None:

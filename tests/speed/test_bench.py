@@ -41,6 +41,8 @@ def test_quick_bench_writes_every_key(trained_weights: Path, tmp_path: Path) -> 
         assert positive(part["clips_frames_per_s"]) and positive(part["peak_rss_mb"]) and part["max_realtime_streams"] >= 0
     assert data["service_by_processes"]["2"]["peak_rss_mb"] > data["service_by_processes"]["1"]["peak_rss_mb"]
     assert data["full"]["frames"] > 0 and 0 < data["full"]["scored_patch_share"] <= 1
+    finishing = data["finishing"]
+    assert finishing["streams"] == 16 and positive(finishing["one_by_one_us_per_stream"]) and positive(finishing["together_us_per_stream"])
     decoding = data["decoding"]
     assert positive(decoding["frames"]["opencv_1_thread_frames_per_s"]) and positive(decoding["frames"]["opencv_pool_frames_per_s"])
     assert "nvJPEG needs a CUDA device" in decoding["frames"]["nvjpeg"]["skipped"]  # the quick run is on the CPU
