@@ -11,6 +11,8 @@ Sections (each prints a line as it finishes; ``--json`` writes them all), one mo
   sliding-window loop does, with the same input encoding; ``speedup`` = the project's full scoring
   path (``full``, full_path.py: FrameStream, encoding, batching, skipping unchanged patches where on)
   over it, end to end on Ped2 test clips (footage.py), with the EER the full path reaches there;
+- ``finishing`` (full_path.py): what finishing a single-frame stream chunk costs, one by one and
+  256 together (the batcher's way with the torch encoding);
 - ``service`` (service_path.py): frames/s of ``POST /v1/clips`` on a real server (a `vad serve`
   subprocess on loopback, server_process.py) and its ratio to the model path; ``streams``: per-frame
   latency of K WebSocket streams at 10 frames/s; ``max_realtime_streams``; ``cameras`` (cameras.py):
