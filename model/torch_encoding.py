@@ -51,6 +51,13 @@ def area_weights(source: int, target: int, scale: float) -> np.ndarray:
     return weights
 
 
+@lru_cache(maxsize=32)
+def _device_area_weights(source: int, target: int, scale: float, device: torch.device) -> torch.Tensor:
+    """``area_weights`` as a float32 tensor on ``device``, made once (not one host-to-device copy per
+    call); read-only."""
+    return torch.from_numpy(area_weights(source, target, scale)).float().to(device)
+
+
 def enlarged_on_host(gray: np.ndarray | torch.Tensor, config: ModelConfig) -> np.ndarray | torch.Tensor:
     """(..., H, W) frames that the processing size enlarges, enlarged by OpenCV on the host; frames it
     shrinks or keeps, and tensors, as they are.
@@ -77,8 +84,8 @@ def resize_frames(frames: torch.Tensor, height: int, width: int, factor: float |
     x = frames.reshape(-1, 1, source_height, source_width).float()
     if height < source_height:
         scale_y, scale_x = (1 / factor, 1 / factor) if factor else (source_height / height, source_width / width)
-        rows = torch.from_numpy(area_weights(source_height, height, scale_y)).float().to(frames.device)
-        cols = torch.from_numpy(area_weights(source_width, width, scale_x)).float().to(frames.device)
+        rows = _device_area_weights(source_height, height, scale_y, frames.device)
+        cols = _device_area_weights(source_width, width, scale_x, frames.device)
         x = rows @ x @ cols.T
         if scale_y == scale_x == 2:
             # OpenCV's 2x2 fast path rounds halves up, (a + b + c + d + 2) >> 2; elsewhere to even
@@ -141,10 +148,13 @@ def _per_stream(
     device: torch.device,
 ) -> float | torch.Tensor:
     """The motion scale ``factor(rate)`` for one fps, or an (S, 1, 1, 1) tensor of each stream's; each
-    computed in Python floats first, so one stream's channel is the same alone or in a stack."""
+    computed in Python floats first, so one stream's channel is the same alone or in a stack. Streams
+    that all have one scale get it as a float (the same product, and no tensor made per batch)."""
     if fps is None or isinstance(fps, (int, float)):
         return factor(motion_rate_factor(config, fps))
     scales = [factor(motion_rate_factor(config, rate)) for rate in fps]
+    if len(set(scales)) == 1:
+        return scales[0]
     return torch.tensor(scales, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
 
 
