@@ -103,13 +103,16 @@ def flow_magnitude(frames: torch.Tensor, preset: str) -> torch.Tensor:
     if scale != 1.0:
         frames = resize_frames(frames, int(round(height * scale)), int(round(width * scale)), factor=scale)
     pairs, limit = frames.shape[1] - 1, pairs_per_pass(frames.device)
-    if pairs > limit:  # a long clip: pieces along time, overlapping by one frame
-        pieces, dim = [(slice(None), slice(t, t + limit + 1)) for t in range(0, pairs, limit)], 1
+
+    def run(piece: torch.Tensor) -> torch.Tensor:
+        return farneback_flow_sequences(piece, pyr_scale, levels, winsize, iterations, poly_n, poly_sigma)
+
+    if pairs > limit:  # long clips: each stream on its own, in pieces along time overlapping by one frame
+        flow = torch.cat([torch.cat([run(frames[s : s + 1, t : t + limit + 1]) for t in range(0, pairs, limit)], 1)
+                          for s in range(frames.shape[0])])
     else:  # whole sequences, as many per pass as fit
         step = limit // pairs
-        pieces, dim = [(slice(s, s + step), slice(None)) for s in range(0, frames.shape[0], step)], 0
-    flow = torch.cat([farneback_flow_sequences(frames[piece], pyr_scale, levels, winsize, iterations, poly_n, poly_sigma)
-                      for piece in pieces], dim)
+        flow = torch.cat([run(frames[s : s + step]) for s in range(0, frames.shape[0], step)])
     magnitude = (flow[:, :, 0] * flow[:, :, 0] + flow[:, :, 1] * flow[:, :, 1]).sqrt_()
     if scale != 1.0:  # back to full resolution, in full-resolution pixels per frame
         magnitude = F.interpolate(magnitude, size=(height, width), mode="bilinear", align_corners=False) / scale
