@@ -49,7 +49,7 @@ from typing import Any
 import httpx
 
 from service.bench.footage import CAMERA_FPS, Footage, jpeg_frames, write_clip
-from service.bench.server_process import REPO, ServerProcess, free_port
+from service.bench.server_process import REPO, ServerProcess, proc_status_kib, child_pids, free_port
 from service.bench.service_path import (
     REALTIME_P99_MS, clips_throughput, http_frame_streams, served_weights, streams_section,
 )
@@ -161,24 +161,12 @@ def build_archives(bin_dir: Path, weights_dir: Path, version: str, work: Path) -
     return store
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            found += [int(p) for p in task.read_text().split()]
-        except OSError:
-            continue
-    return found
-
-
 def _rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` in KiB; 0 when it is gone or has none (a process ending while sampled)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
+        return proc_status_kib(pid, "VmRSS")
     except OSError:
-        pass
-    return 0
+        return 0
 
 
 class TorchServe:
@@ -262,15 +250,15 @@ class TorchServe:
         """(the Java frontend's pid, its worker processes' pids): the frontend is the launcher's child."""
         if self.process is None:
             return None, []
-        frontends = _children(self.process.pid)
+        frontends = child_pids(self.process.pid, skip_tracker=False)
         if not frontends:
             return None, []
         frontend = frontends[0]
-        workers, todo = [], _children(frontend)
+        workers, todo = [], child_pids(frontend, skip_tracker=False)
         while todo:
             pid = todo.pop()
             workers.append(pid)
-            todo += _children(pid)
+            todo += child_pids(pid, skip_tracker=False)
         return frontend, workers
 
     def _sample(self) -> None:

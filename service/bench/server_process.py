@@ -27,12 +27,38 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _proc_status_kib(pid: int, field: str) -> int:
+def proc_status_kib(pid: int, field: str) -> int:
     """A memory figure of /proc/<pid>/status (``VmRSS``, ``VmHWM``), in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
             return int(line.split()[1])
     raise OSError(f"no {field} for process {pid}")
+
+
+def child_pids(pid: int, skip_tracker: bool = True) -> list[int]:
+    """The child processes of ``pid`` (Linux /proc: every one of its threads' ``children`` file, the main
+    thread's first); with ``skip_tracker``, multiprocessing's resource tracker (a child whose command
+    line names ``resource_tracker``) left out. Empty when /proc cannot tell (the process gone, not Linux)."""
+    try:
+        tasks = sorted((int(task.name) for task in Path(f"/proc/{pid}/task").iterdir()), key=lambda tid: (tid != pid, tid))
+    except OSError:
+        return []
+    found: list[int] = []
+    for tid in tasks:
+        try:
+            found += [int(child) for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:  # the thread ended meanwhile
+            continue
+    if skip_tracker:
+        found = [child for child in found if not _is_resource_tracker(child)]
+    return found
+
+
+def _is_resource_tracker(pid: int) -> bool:
+    try:
+        return b"resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone meanwhile: listed as it would be without skip_tracker
+        return False
 
 
 class ServerProcess:
@@ -94,21 +120,18 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def processes(self) -> list[int]:
-        """The server's pid and, under VAD_SERVE_PROCESSES > 1, its serving children's (Linux /proc)."""
-        try:
-            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
-        except OSError:
-            children = []
-        return [self.pid, *map(int, children)]
+        """The server's pid and, under VAD_SERVE_PROCESSES > 1, its serving children's (Linux /proc;
+        multiprocessing's resource tracker is not one of them)."""
+        return [self.pid, *child_pids(self.pid)]
 
     def rss_kib(self) -> int:
         """Resident memory now (VmRSS) of the server's processes together, KiB."""
-        return sum(_proc_status_kib(pid, "VmRSS") for pid in self.processes())
+        return sum(proc_status_kib(pid, "VmRSS") for pid in self.processes())
 
     def peak_rss_mb(self) -> float | None:
         """Peak resident memory so far (VmHWM; the sum of each process's peak), MB; None when /proc cannot tell."""
         try:
-            return round(sum(_proc_status_kib(pid, "VmHWM") for pid in self.processes()) / 1024, 1)
+            return round(sum(proc_status_kib(pid, "VmHWM") for pid in self.processes()) / 1024, 1)
         except OSError:
             return None
 

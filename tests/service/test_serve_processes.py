@@ -30,8 +30,7 @@ FRAMES = 12
 
 def children(server: ServerProcess) -> set[int]:
     """The parent's live child processes (Linux /proc), multiprocessing's resource tracker left out."""
-    listing = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
-    return {int(pid) for pid in listing if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()}
+    return set(server.processes()[1:])
 
 
 def live_replicas(values: dict[str, Any]) -> set[str]:
