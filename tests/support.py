@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import socket
@@ -86,6 +87,14 @@ def jpeg_bytes(frame: np.ndarray, quality: int = 95) -> bytes:
     ok, data = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
     assert ok
     return data.tobytes()
+
+
+# --- figures -----------------------------------------------------------------------------------
+
+
+def positive(value: object) -> bool:
+    """A measured figure that is a finite number above 0 (what the bench tests assert of timings)."""
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 # --- tiny models -------------------------------------------------------------------------------

@@ -4,22 +4,19 @@ are asserted: this machine's speed is not the test's business)."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from service.cli import main
+from tests.support import positive
 
 
 def test_quick_bench_writes_every_key(trained_weights: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--weights", str(trained_weights), "--json", str(out), "--processes", "1,2"]) == 0
     data = json.loads(out.read_text())
-
-    def positive(value: object) -> bool:
-        return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
     assert positive(data["roofline_gflops"])
     model = data["model"]

@@ -5,17 +5,13 @@ asserted: the figures are for reading)."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 
 from service.bench.encoding_device import main
 from tests.model.test_torch_encoding import FLOW_MAX_LEVELS, FRAME_SCORE, PATCH_SCORE
-
-
-def positive(value: object) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+from tests.support import positive
 
 
 def test_quick_run_on_the_cpu_writes_every_figure(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from model.scoring import FrameStream
 from service.bench import peer_torchserve
 from service.bench.footage import Footage, write_clip
 from service.bench.torchserve_handler import SEQUENCE_ID_HEADER, PatchScoringHandler
-from tests.support import synthetic_frames
+from tests.support import jpeg_bytes, synthetic_frames
 
 
 class FakeContext:
@@ -55,14 +55,10 @@ def handler_for(trained_weights: Path) -> Iterator[Any]:
     torch.set_num_threads(threads)  # the handler sets its worker's threads: give the test process its own back
 
 
-def jpeg(frame: np.ndarray) -> bytes:
-    return cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
-
-
 def test_stream_frames_are_scored_as_each_streams_frame_stream(trained_weights: Path, handler_for: Any) -> None:
     handler = handler_for("frames")
     footage = {"a": synthetic_frames(6, seed=1), "b": synthetic_frames(6, seed=2, anomaly_from=2)}
-    encoded = {name: [jpeg(f) for f in frames] for name, frames in footage.items()}
+    encoded = {name: [jpeg_bytes(f) for f in frames] for name, frames in footage.items()}
     # batches as TorchServe's batching might form them: streams interleaved, a stream twice in one batch
     batches = [[("a", 0), ("b", 0)], [("a", 1), ("a", 2), ("b", 1)], [("b", 2)], [("b", 3), ("a", 3), ("b", 4), ("a", 4)],
                [("a", 5), ("b", 5)]]
@@ -103,7 +99,7 @@ def test_a_clip_is_scored_as_vad_detect_scores_it(trained_weights: Path, handler
 
 def test_an_undecodable_request_is_refused_alone(handler_for: Any) -> None:
     handler = handler_for("frames")
-    good = jpeg(synthetic_frames(1, seed=3)[0])
+    good = jpeg_bytes(synthetic_frames(1, seed=3)[0])
     context = FakeContext([{SEQUENCE_ID_HEADER: "x"}, {SEQUENCE_ID_HEADER: "y"}])
     replies = [json.loads(r) for r in handler.handle([{"body": b"not an image"}, {"body": good}], context)]
     assert context.statuses == {0: 422} and "error" in replies[0]
