@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,11 +14,16 @@ from service.cli import main
 from tests.support import positive
 
 
-def test_quick_bench_writes_every_key(trained_weights: Path, tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
+@pytest.fixture(scope="module")
+def quick_bench(trained_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The JSON of one `vad bench --quick --processes 1,2` run, which the tests below all read."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
     assert main(["bench", "--quick", "--weights", str(trained_weights), "--json", str(out), "--processes", "1,2"]) == 0
-    data = json.loads(out.read_text())
+    return json.loads(out.read_text())
 
+
+def test_quick_bench_writes_every_key(quick_bench: dict[str, Any]) -> None:
+    data = quick_bench
     assert positive(data["roofline_gflops"])
     model = data["model"]
     assert positive(model["gflops_per_frame"]) and positive(model["frames_per_s"])
@@ -58,7 +64,7 @@ def test_a_device_that_is_not_there_is_refused_before_anything_runs(trained_weig
     assert not out.exists()  # nothing written
 
 
-def test_quick_bench_measures_each_cpu_precision(trained_weights: Path, tmp_path: Path) -> None:
+def test_quick_bench_measures_each_cpu_precision(quick_bench: dict[str, Any]) -> None:
     """The CPU's features, each precision's roofline, and the model path in each precision this CPU runs,
     against its own roofline and float32's (issue 15). Which precisions exist depends on the CPU."""
     from model.cpu_features import detect_cpu_features
@@ -66,9 +72,7 @@ def test_quick_bench_measures_each_cpu_precision(trained_weights: Path, tmp_path
 
     if torch.cuda.is_available():
         pytest.skip("the bench measures the CUDA device here, not the CPU's precisions")
-    out = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--no-service", "--no-ablation", "--weights", str(trained_weights), "--json", str(out)]) == 0
-    data = json.loads(out.read_text())
+    data = quick_bench
     assert data["machine"]["cpu_features"] == detect_cpu_features().to_dict()
     precisions = cpu_precisions_here()
     if not precisions:
