@@ -22,10 +22,7 @@ from tests.jobs.helpers import wait_for
 from tests.support import synthetic_frames
 
 SECRET = "hunter2"  # the password in camera URLs, never to be seen again
-
-
-def wait_until(check: Callable[[], Any], what: str, timeout_s: float = 60.0) -> Any:
-    return wait_for(check, timeout_s, what=what)
+WAIT_S = 60.0  # each wait-until loop's limit
 
 
 def camera(client: TestClient, name: str) -> dict[str, Any]:
@@ -60,28 +57,28 @@ def test_rtsp_and_mjpeg_cameras_are_scored_survive_a_drop_and_raise_events(
         assert added.json()["fps"] == FPS and added.json()["enabled"] is True
         assert client.post("/v1/cameras", json={"name": "yard", "url": mjpeg.url, "fps": 5}).status_code == 201
 
-        wait_until(lambda: in_state(client, "gate", "live", 5), "the RTSP camera to go live and be scored")
-        wait_until(lambda: in_state(client, "yard", "live", 5), "the MJPEG camera to go live and be scored")
+        wait_for(lambda: in_state(client, "gate", "live", 5), WAIT_S, what="the RTSP camera to go live and be scored")
+        wait_for(lambda: in_state(client, "yard", "live", 5), WAIT_S, what="the MJPEG camera to go live and be scored")
         jpeg = client.get("/v1/cameras/gate/latest.jpg")
         assert jpeg.headers["content-type"] == "image/jpeg" and decodes(jpeg.content).shape[:2] == (64, 96)
         heatmap = client.get("/v1/cameras/yard/latest-heatmap.png")
         assert heatmap.headers["content-type"] == "image/png" and decodes(heatmap.content).shape == (64, 96, 3)
 
         # the planted anomaly (2 s of every 6 s loop) becomes an event of this camera
-        events = wait_until(lambda: client.get("/v1/events", params={"camera": "gate"}).json().get("events"),
-                            "an event from the RTSP camera's planted anomaly")
+        events = wait_for(lambda: client.get("/v1/events", params={"camera": "gate"}).json().get("events"), WAIT_S,
+                          what="an event from the RTSP camera's planted anomaly")
         assert events[0]["camera"] == "gate" and events[0]["source"] == "camera"
 
         # the RTSP camera drops: reconnecting, while the MJPEG camera goes on; back: live again
         rtsp.stop()
-        dropped = wait_until(lambda: in_state(client, "gate", "reconnecting"), "the dropped camera to reconnect")
+        dropped = wait_for(lambda: in_state(client, "gate", "reconnecting"), WAIT_S, what="the dropped camera to reconnect")
         assert dropped["last_error"] and SECRET not in dropped["last_error"]
         yard = camera(client, "yard")["frames_scored"]
-        wait_until(lambda: camera(client, "yard")["frames_scored"] >= yard + 10, "the other camera to go on")
+        wait_for(lambda: camera(client, "yard")["frames_scored"] >= yard + 10, WAIT_S, what="the other camera to go on")
         assert camera(client, "yard")["state"] == "live"
         rtsp.start()  # the same port
         scored = camera(client, "gate")["frames_scored"]
-        back = wait_until(lambda: in_state(client, "gate", "live", scored + 3), "the camera to come back live")
+        back = wait_for(lambda: in_state(client, "gate", "live", scored + 3), WAIT_S, what="the camera to come back live")
         assert back["reconnects"] >= 1
 
         metrics = client.get("/metrics").text
@@ -179,14 +176,14 @@ def test_unreachable_cameras_and_a_vanished_file(make_client: Callable[..., Test
                           ("demo", f"file://{clip}")):
             assert client.post("/v1/cameras", json={"name": name, "url": url, "fps": 20}).status_code == 201
         for name in ("silent", "refused"):
-            view = wait_until(lambda: in_state(client, name, "reconnecting"), f"{name} to be retried")
+            view = wait_for(lambda: in_state(client, name, "reconnecting"), WAIT_S, what=f"{name} to be retried")
             assert "could not open" in view["last_error"] and SECRET not in view["last_error"]
-        wait_until(lambda: camera(client, "refused")["reconnects"] >= 2, "a second reconnect")
-        looped = wait_until(lambda: in_state(client, "demo", "live", 50), "the file to loop (40 frames)")
+        wait_for(lambda: camera(client, "refused")["reconnects"] >= 2, WAIT_S, what="a second reconnect")
+        looped = wait_for(lambda: in_state(client, "demo", "live", 50), WAIT_S, what="the file to loop (40 frames)")
         assert looped["reconnects"] == 0  # looping a file is not reconnecting
 
         clip.unlink()  # the file leaves the footage root: a permanent failure at its next loop
-        failed = wait_until(lambda: in_state(client, "demo", "failed"), "the vanished file to fail the camera")
+        failed = wait_for(lambda: in_state(client, "demo", "failed"), WAIT_S, what="the vanished file to fail the camera")
         assert "no such file under the footage root" in failed["last_error"]
     finally:
         silent.close()
@@ -204,7 +201,7 @@ def test_cameras_come_back_after_a_restart(make_settings: Callable[..., Any], fo
         views = {c["name"]: c for c in client.get("/v1/cameras").json()["cameras"]}
         assert set(views) == {"demo", "off"}
         assert views["off"]["state"] == "disabled" and views["demo"]["fps"] == 20
-        wait_until(lambda: in_state(client, "demo", "live", 3), "the restored camera to go live")
+        wait_for(lambda: in_state(client, "demo", "live", 3), WAIT_S, what="the restored camera to go live")
     narrower = make_settings(camera_url_allow=["rtsp://127.0.0.1"])  # file:// no longer allowed
     with TestClient(create_app(narrower)) as client:
         view = camera(client, "demo")
