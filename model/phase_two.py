@@ -74,22 +74,20 @@ class NegativeMaker:
         self.rng = np.random.default_rng(seed)
 
     def make(self, kind: str, x: torch.Tensor) -> torch.Tensor:
-        """``count`` pseudo-anomalies of ``kind`` for the normal patches ``x``, on ``x``'s device."""
-        return self._make(kind, x).to(x.device)
-
-    def _make(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+        """``count`` pseudo-anomalies of ``kind`` for the normal patches ``x``, on ``x``'s device
+        (sampled patches are moved there at once, not patch by patch)."""
         count = x.shape[0]
         if kind == "average":
             old = self.refine_old(x)
             return (old + old[torch.from_numpy(self.rng.permutation(count))]) / 2
         if kind == "speed":
-            return self.sampler.sample_sped_up(count, self.speedup)
+            return self.sampler.sample_sped_up(count, self.speedup).to(x.device)
         if kind == "motion_swap":
             swapped = x.clone()
             swapped[:, 1:] = self.sampler.sample_moving(count)[:, 1:]
             return swapped
         if kind == "paste":
-            return self._paste(x, self.sampler.sample(count))
+            return self._paste(x, self.sampler.sample(count).to(x.device))
         raise ValueError(f"unknown negative kind {kind!r} (one of {NEGATIVE_KINDS})")
 
     def _paste(self, x: torch.Tensor, donors: torch.Tensor) -> torch.Tensor:
