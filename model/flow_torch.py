@@ -76,14 +76,13 @@ def poly_expansion_terms(n: int, sigma: float) -> tuple[np.ndarray, np.ndarray, 
     return g, xg, xxg, (inverse[1, 1], inverse[0, 3], inverse[3, 3], inverse[5, 5])
 
 
-def _separable(x: torch.Tensor, vertical: torch.Tensor, horizontal: torch.Tensor, mode: str) -> torch.Tensor:
-    """(N, C, H, W) filtered by a per-channel vertical then horizontal kernel (depthwise), border ``mode``."""
-    channels = x.shape[1]
-    half = vertical.shape[-1] // 2
+def _separable(x: torch.Tensor, kernel: torch.Tensor, mode: str) -> torch.Tensor:
+    """(N, 1, H, W) filtered by a 1-D ``kernel`` vertically, then horizontally, border ``mode``."""
+    half = kernel.shape[-1] // 2
     x = F.pad(x, (0, 0, half, half), mode=mode)
-    x = F.conv2d(x, vertical.view(-1, 1, vertical.shape[-1], 1).expand(channels, 1, -1, 1).contiguous(), groups=channels)
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
     x = F.pad(x, (half, half, 0, 0), mode=mode)
-    return F.conv2d(x, horizontal.view(-1, 1, 1, horizontal.shape[-1]), groups=horizontal.shape[0])
+    return F.conv2d(x, kernel.view(1, 1, 1, -1))
 
 
 @lru_cache(maxsize=64)
@@ -97,7 +96,7 @@ def pyramid_level(frames: torch.Tensor, scale: float) -> torch.Tensor:
     sigma = (1.0 / scale - 1) * 0.5
     size = max(cv_round(sigma * 5) | 1, 3)
     (kernel,) = _device_taps(frames.device, tuple(gaussian_kernel(size, sigma).tolist()))
-    blurred = _separable(frames, kernel, kernel.view(1, -1), "reflect")  # reflect = OpenCV's BORDER_REFLECT_101
+    blurred = _separable(frames, kernel, "reflect")  # reflect = OpenCV's BORDER_REFLECT_101
     height, width = cv_round(frames.shape[-2] * scale), cv_round(frames.shape[-1] * scale)
     if (height, width) == tuple(frames.shape[-2:]):
         return blurred
@@ -153,13 +152,12 @@ def update_matrices(r0: torch.Tensor, r1: torch.Tensor, flow: torch.Tensor) -> t
     a00, a01 = ((1 - fx) * (1 - fy)).unsqueeze(1), (fx * (1 - fy)).unsqueeze(1)
     a10, a11 = ((1 - fx) * fy).unsqueeze(1), (fx * fy).unsqueeze(1)
     sampled = a00 * corner(0) + a01 * corner(1) + a10 * corner(width) + a11 * corner(width + 1)
-    inside = inside.unsqueeze(1)
     # outside: OpenCV takes the first frame's own expansion (and no displacement term)
-    r2 = torch.where(inside[:, 0], sampled[:, 0], 0.0)
-    r3 = torch.where(inside[:, 0], sampled[:, 1], 0.0)
-    r4 = torch.where(inside[:, 0], (r0[:, 2] + sampled[:, 2]) * 0.5, r0[:, 2])
-    r5 = torch.where(inside[:, 0], (r0[:, 3] + sampled[:, 3]) * 0.5, r0[:, 3])
-    r6 = torch.where(inside[:, 0], (r0[:, 4] + sampled[:, 4]) * 0.25, r0[:, 4] * 0.5)
+    r2 = torch.where(inside, sampled[:, 0], 0.0)
+    r3 = torch.where(inside, sampled[:, 1], 0.0)
+    r4 = torch.where(inside, (r0[:, 2] + sampled[:, 2]) * 0.5, r0[:, 2])
+    r5 = torch.where(inside, (r0[:, 3] + sampled[:, 3]) * 0.5, r0[:, 3])
+    r6 = torch.where(inside, (r0[:, 4] + sampled[:, 4]) * 0.25, r0[:, 4] * 0.5)
     r2 = (r0[:, 0] - r2) * 0.5
     r3 = (r0[:, 1] - r3) * 0.5
     r2 = r2 + r4 * dy + r6 * dx
