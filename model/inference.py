@@ -223,7 +223,6 @@ class FusedNets(nn.Module):
 # "auto": on the CPU the fastest precision, measured at load, of those that pass the check against
 # float32 (model/precision.py); on CUDA float32 (fp16 and bf16 there are explicit choices).
 PRECISIONS = ("float32", "bf16", "fp16", "int8", "auto")
-CPU_PRECISIONS = ("float32", "bf16", "int8")
 CUDA_PRECISIONS = ("float32", "bf16", "fp16")
 INT8_CALIBRATION_FRAMES = 16  # frames of the synthetic normal scene int8 calibrates on by default (1536 Ped2-sized patches)
 BACKENDS = ("auto", "torch", "onnxruntime")
@@ -437,6 +436,11 @@ class InferenceEngine:
         if precision != "float32":
             self._choose_cpu_precision(precision, refiner, detector, calibration, int8_calibration,
                                        TOLERANCE if tolerance is None else tolerance)
+        # the float32 export only served construction (ONNX Runtime's copy, int8's quantisation), and
+        # the float32 ONNX Runtime copy only matters while it is what runs
+        self._onnx_float = None
+        if self._runner is not self.ort:
+            self.ort = None
 
     def _ort_threads(self) -> int:
         return 1 if self.workers else torch.get_num_threads()
@@ -541,7 +545,7 @@ class InferenceEngine:
             log.info("CPU precision %s (%s; %s) passed the check against float32: largest score difference %.4f "
                      "of the spread (tolerance %s)", chosen, self.backend, requested,
                      report["candidates"][chosen]["max_diff_over_spread"], tolerance)
-        elif requested != "auto" or not passed:
+        elif not passed:
             reasons = "; ".join(f"{name}: {entry['reason']}" for name, entry in report["candidates"].items())
             log.warning("precision %s not used, scoring in float32 (%s)", requested, reasons)
 
