@@ -376,7 +376,8 @@ def dedicate_cpu_to_workers() -> int:
 
 
 class InferenceEngine:
-    """Runs ``FusedNets`` on a device: batching into chunks, precision and CUDA graphs on a GPU.
+    """Runs ``FusedNets`` on a device: batching into chunks, a precision (checked at load on the CPU),
+    ONNX Runtime on the CPU, CUDA graphs on a GPU.
 
     - CPU: ``precision`` float32 (default), bf16 (torch autocast: oneDNN on AVX512-BF16 or AMX), int8
       (ONNX Runtime, statically quantised at load from normal footage, model/quantize.py) or auto (the

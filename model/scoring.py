@@ -179,9 +179,10 @@ class PatchScorer:
         self.encoding = resolve_encoding(encoding, self.device)
         # The serving path: an eval-only fused copy (batch norm folded, NHWC; model/inference.py), built
         # from the weights as they are now. ``fused=False`` scores with the modules themselves.
-        # On CUDA, ``precision`` (bf16/fp16 autocast) and ``cuda_graphs`` apply to it; on the CPU,
-        # ``backend`` auto runs it under ONNX Runtime when that is installed (else torch).
-        # the calibration gives a CPU precision other than float32 its check (largest served-score difference)
+        # ``precision`` applies to it on either device: on CUDA bf16/fp16 autocast, on the CPU bf16, int8
+        # or auto, each kept only if it passes a check at load (largest served-score difference over the
+        # calibration's score spread); ``cuda_graphs`` on CUDA only; on the CPU, ``backend`` auto runs float32
+        # under ONNX Runtime when that is installed (else torch).
         self._engine_options = {"precision": precision, "cuda_graphs": cuda_graphs, "backend": backend,
                                 "calibration": calibration}
         self.engine = InferenceEngine(self.refiner, self.detector, self.device, **self._engine_options) if fused else None
