@@ -17,6 +17,7 @@ from service.database.base import Database
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 COLUMNS = "name, url, fps, enabled, created_at, updated_at"
+CAMERAS_LOCK = 0x76616402  # Database.lock's key: an add counts the table before it inserts ("vad" 2)
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,11 @@ class CameraStore:
 
     def add(self, name: str, url: str, fps: float, enabled: bool, limit: int | None = None) -> Camera:
         """CameraExistsError when the name is taken; CameraLimitError when the table already holds
-        ``limit`` cameras (counted in the same transaction, so replicas adding at once keep to it)."""
+        ``limit`` cameras (counted in the same transaction under CAMERAS_LOCK, so replicas adding at
+        once keep to it)."""
         now = time.time()
         with self.database.write() as db:
+            self.database.lock(db, CAMERAS_LOCK)
             if limit is not None and db.execute("SELECT COUNT(*) AS n FROM cameras").fetchone()["n"] >= limit:
                 if db.execute("SELECT 1 FROM cameras WHERE name = ?", (name,)).fetchone() is None:
                     raise CameraLimitError(name)
@@ -75,11 +78,20 @@ class CameraStore:
 
     def update(self, camera: Camera) -> Camera:
         """Store ``camera``'s url, fps and enabled (its name identifies it); updated_at is now."""
-        now = time.time()
+        changed = self.patch(camera.name, camera.url, camera.fps, camera.enabled)
+        assert changed is not None, camera.name
+        return changed
+
+    def patch(self, name: str, url: str | None = None, fps: float | None = None, enabled: bool | None = None) -> Camera | None:
+        """Change the given fields only, in one statement (two changes at once both land); updated_at
+        is now. None when there is no such camera."""
         with self.database.write() as db:
-            db.execute("UPDATE cameras SET url = ?, fps = ?, enabled = ?, updated_at = ? WHERE name = ?",
-                       (camera.url, camera.fps, int(camera.enabled), now, camera.name))
-        return Camera(camera.name, camera.url, camera.fps, camera.enabled, camera.created_at, now)
+            row = db.execute(
+                "UPDATE cameras SET url = COALESCE(?, url), fps = COALESCE(?, fps), enabled = COALESCE(?, enabled), "
+                f"updated_at = ? WHERE name = ? RETURNING {COLUMNS}",
+                (url, fps, None if enabled is None else int(enabled), time.time(), name),
+            ).fetchone()
+        return camera_from_row(row) if row else None
 
     def delete(self, name: str) -> bool:
         with self.database.write() as db:

@@ -25,7 +25,6 @@ class Dialect:
     """The SQL that differs between the two databases. The DDL fragments fill the migrations'
     ``{placeholders}``; the locking fragments end a SELECT inside a write transaction."""
 
-    name: str
     float_type: str  # an 8-byte float (PostgreSQL's REAL is 4 bytes: DOUBLE PRECISION there)
     binary_text: str  # text ordered byte by byte, as SQLite does (PostgreSQL's default follows the locale)
     serial_key: str  # an integer primary key the database numbers in insertion order
@@ -73,8 +72,10 @@ class Database(ABC):
         """Whether the database has been created (the SQLite file, the PostgreSQL migrations table)."""
 
     @abstractmethod
-    def lock_schema(self, connection: Connection) -> None:
-        """Inside a write transaction: take the lock migrations run under, held until it ends."""
+    def lock(self, connection: Connection, key: int) -> None:
+        """Inside a write transaction: take the lock ``key`` (an advisory lock number on PostgreSQL:
+        migrations.SCHEMA_LOCK, cameras.store.CAMERAS_LOCK), held until the transaction ends. Writers holding one key run one at a time; it guards what a
+        transaction counts before it writes (SQLite's write lock already serialises every writer)."""
 
     @abstractmethod
     def describe(self) -> str:

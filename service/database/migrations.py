@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vad.database")
 
+SCHEMA_LOCK = 0x76616401  # Database.lock's key migrations run under ("vad" 1)
+
 
 class SchemaTooNewError(RuntimeError):
     """The database was migrated by a newer version of the project than this one."""
@@ -150,7 +152,7 @@ def migrate(database: "Database", migrations: tuple[Migration, ...] = MIGRATIONS
     newest = max(migration.version for migration in migrations)
     applied = []
     with database.connect(write=True) as connection:
-        database.lock_schema(connection)
+        database.lock(connection, SCHEMA_LOCK)
         connection.execute(VERSIONS_TABLE.format(**dataclasses.asdict(database.dialect)))
         done = {row["version"] for row in connection.execute("SELECT version FROM schema_migrations")}
         if done and max(done) > newest:

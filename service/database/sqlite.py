@@ -24,7 +24,7 @@ from service.jobs.layout import database_path
 # BEGIN IMMEDIATE takes the file's write lock before a transaction reads anything: writers run one
 # at a time, so nothing needs locking row by row.
 SQLITE = Dialect(
-    name="sqlite", float_type="REAL", binary_text="TEXT", serial_key="INTEGER PRIMARY KEY AUTOINCREMENT", insertion_order="rowid",
+    float_type="REAL", binary_text="TEXT", serial_key="INTEGER PRIMARY KEY AUTOINCREMENT", insertion_order="rowid",
     insertion_column="", lock_rows="", skip_locked="",
 )
 
@@ -80,7 +80,7 @@ class SqliteDatabase(Database):
     def _schema_exists(self) -> bool:
         return self.path.is_file()
 
-    def lock_schema(self, connection: Connection) -> None:
+    def lock(self, connection: Connection, key: int) -> None:
         """Nothing to add: BEGIN IMMEDIATE already holds the file's write lock."""
 
     def describe(self) -> str:
