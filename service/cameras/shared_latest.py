@@ -12,11 +12,10 @@ data folder is not shared (hosts with volumes of their own), there is no such fi
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from service.cameras.store import NAME_PATTERN
+from service.files import write_atomically
 
 EVERY_S = 1.0  # the page refreshes every 2 s
 FRESH_S = 10.0  # older: the owner stopped writing (the camera stopped, moved, or the owner is gone)
@@ -39,15 +38,7 @@ class SharedLatest:
         """Replace the camera's pictures (``{kind: bytes}``), each atomically. Blocking."""
         self.folder.mkdir(parents=True, exist_ok=True)
         for kind, data in pictures.items():
-            target = self.path(name, kind)
-            handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=f".{target.name}.")
-            try:
-                with os.fdopen(handle, "wb") as out:
-                    out.write(data)
-                os.replace(temporary, target)
-            except BaseException:
-                Path(temporary).unlink(missing_ok=True)
-                raise
+            write_atomically(self.path(name, kind), data)
 
     def read(self, name: str, kind: str, now: float) -> bytes | None:
         """The picture if it was written in the last FRESH_S seconds (by this host's clock), else None. Blocking."""

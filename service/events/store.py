@@ -13,10 +13,8 @@ Every method is blocking.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from service.database.base import Connection, Database
+from service.files import write_atomically
 
 EVENT_ID = re.compile(r"^[0-9a-f]{32}$")
 SNAPSHOT, HEATMAP = "snapshot.jpg", "heatmap.png"
@@ -127,14 +126,7 @@ class EventStore:
         folder = self.folder(event_id)
         folder.mkdir(parents=True, exist_ok=True)
         for name, data in ((SNAPSHOT, snapshot), (HEATMAP, heatmap)):
-            handle, temp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
-            try:
-                with os.fdopen(handle, "wb") as out:
-                    out.write(data)
-                os.replace(temp, folder / name)
-            except BaseException:
-                Path(temp).unlink(missing_ok=True)
-                raise
+            write_atomically(folder / name, data)
         return len(snapshot) + len(heatmap)
 
     def close_dangling(self, live_since: float, replica: str, own: bool = True) -> list[EventRecord]:
