@@ -96,6 +96,9 @@ class Replica:
         self.started_at = clock()
         self._ticks: list[Tick] = []
         self._tasks: list[asyncio.Task[None]] = []
+        # other live replicas at the last heartbeat: what only several replicas need (the cameras'
+        # shared pictures) is skipped while this one is alone
+        self.others_live = False
 
     def live_since(self) -> float:
         """The oldest ``last_seen`` of a live replica, now."""
@@ -107,6 +110,7 @@ class Replica:
 
     async def start(self) -> None:
         await asyncio.to_thread(self.store.heartbeat, self.id, self.started_at, self.clock())
+        await self._count_others()
         log.info("replica %s: heartbeat every %.1f s, dead after %.1f s of silence", self.id, self.interval_s, self.lease_s)
         # two loops: a slow tick (cameras stopping, say) never delays the heartbeat that keeps this replica live
         self._tasks = [asyncio.create_task(self._every_interval(self.heartbeat), name="vad-replica-heartbeat"),
@@ -129,8 +133,12 @@ class Replica:
             dead = await asyncio.to_thread(self.store.sweep, self.live_since())
             if dead:
                 log.warning("replica %s: replicas %s stopped heartbeating; their work is taken over", self.id, ", ".join(dead))
+            await self._count_others()
         except database_errors():
             log.exception("replica %s: heartbeat failed; retrying in %.1f s", self.id, self.interval_s)
+
+    async def _count_others(self) -> None:
+        self.others_live = len(await asyncio.to_thread(self.store.live, self.live_since())) > 1
 
     async def tick(self) -> None:
         """Run every registered tick, in order."""

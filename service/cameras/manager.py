@@ -81,6 +81,7 @@ class _Watch:
     scorer: BatchedStream | None = None
     latest: Latest | None = None
     shared_at: float = float("-inf")  # time.monotonic() the latest pictures were last written for the others
+    sharing: asyncio.Task[None] | None = None  # that write, while it runs
     reconnects_counted: int = 0  # of status.reconnects, added to the metric so far
 
 
@@ -102,8 +103,7 @@ class CameraManager:
         self.backoff = Backoff(settings.camera_reconnect_initial_s, settings.camera_reconnect_max_s,
                                settings.camera_open_timeout_s)
         self.watches: dict[str, _Watch] = {}  # the cameras running here
-        self.shared = SharedLatest(settings.data_dir)
-        self.others_live = False  # other replicas were live at the last reconcile: share the latest pictures
+        self.shared = SharedLatest(settings.data_dir)  # the latest pictures, for the other replicas
         self._lock = asyncio.Lock()  # one reconcile or change at a time
         self._held_until = 0.0  # time.monotonic() when this replica's leases lapse unless renewed
         self._stopped = False
@@ -155,10 +155,8 @@ class CameraManager:
     async def update(self, name: str, url: str | None, fps: float | None, enabled: bool | None) -> dict[str, Any]:
         if url is not None:
             self.policy.check(url)
-        old = (await self._placement(name)).camera
-        changed = Camera(name, url if url is not None else old.url, fps if fps is not None else old.fps,
-                         enabled if enabled is not None else old.enabled, old.created_at, old.updated_at)
-        await asyncio.to_thread(self.store.update, changed)
+        if await asyncio.to_thread(self.store.patch, name, url, fps, enabled) is None:
+            raise CameraNotFound(f"no camera named {name!r}")
         await self.reconcile()  # restarted here if it runs here; elsewhere at its replica's next heartbeat
         return await self.view(name)
 
@@ -226,7 +224,6 @@ class CameraManager:
                     await self._run_only({})
                 raise
             self._held_until = asked_at + self.replica.lease_s
-            self.others_live = assignment.live_replicas > 1
             await self._apply(assignment)
 
     async def _apply(self, assignment: Assignment) -> None:
@@ -259,41 +256,45 @@ class CameraManager:
     # --- running cameras ------------------------------------------------------------------------
 
     async def _picture(self, name: str, kind: str) -> bytes:
-        """A camera's latest picture (``jpeg`` or ``heatmap``): rendered here where it runs, else the
-        one its owner left in the data folder (fresh), else what ``_latest`` raises."""
-        if name not in self.watches:
-            placement = await self._placement(name)  # CameraNotFound first: a deleted camera has no picture
-            if placement.owner is not None:
-                shared = await asyncio.to_thread(self.shared.read, name, kind, time.time())
-                if shared is not None:
-                    return shared
-        return _render(await self._latest(name), kind)
+        """A camera's latest picture (``jpeg`` or ``heatmap``): rendered here where it runs; elsewhere
+        the one its owner left in the data folder while fresh, else CameraElsewhere naming the owner.
+        NoCameraFrame where it runs nowhere now or has no frame yet, CameraNotFound for an unknown camera."""
+        watch = self.watches.get(name)
+        if watch is not None:
+            if watch.latest is None:
+                raise NoCameraFrame(f"camera {name!r} has no scored frame yet")
+            return _render(watch.latest, kind)
+        placement = await self._placement(name)  # CameraNotFound first: a deleted camera has no picture
+        if placement.owner is None:
+            why = "it is disabled" if not placement.camera.enabled else "it waits for a replica to take it"
+            raise NoCameraFrame(f"camera {name!r} has no scored frame: it runs on no replica now ({why})")
+        shared = await asyncio.to_thread(self.shared.read, name, kind, time.time())
+        if shared is None:
+            raise CameraElsewhere(f"camera {name!r} runs on replica {placement.owner!r}, not on this one "
+                                  f"({self.replica.id!r}): its latest frame is served there")
+        return shared
 
-    async def _share(self, name: str, latest: Latest) -> None:
-        """Write the camera's latest pictures for the other replicas (rendered off the event loop)."""
+    def _share(self, watch: _Watch) -> None:
+        """While other replicas are live, write the camera's latest pictures for them at most every
+        SHARE_EVERY_S, rendered and written in a worker thread while scoring goes on (one write at a
+        time per camera: a frame that finds one running is not shared)."""
+        if not self.replica.others_live or watch.latest is None or (watch.sharing and not watch.sharing.done()):
+            return
+        if time.monotonic() - watch.shared_at < SHARE_EVERY_S:
+            return
+        watch.shared_at = time.monotonic()
+        name, latest = watch.camera.name, watch.latest
+
         def render_and_write() -> None:
             self.shared.write(name, {kind: _render(latest, kind) for kind in ("jpeg", "heatmap")})
 
-        try:
-            await asyncio.to_thread(render_and_write)
-        except OSError as exc:  # the camera keeps being scored; the others answer 409 meanwhile
-            log.warning("camera %s: could not write its latest pictures for the other replicas: %s", name, exc)
+        async def write() -> None:
+            try:
+                await asyncio.to_thread(render_and_write)
+            except Exception:  # the camera keeps being scored; the others answer 409 meanwhile
+                log.exception("camera %s: could not write its latest pictures for the other replicas", name)
 
-    async def _latest(self, name: str) -> Latest:
-        """A camera's latest scored frame, kept only in the memory of the replica that runs it:
-        CameraElsewhere (naming that replica) on the others, NoCameraFrame where it runs nowhere now,
-        CameraNotFound for an unknown camera."""
-        watch = self.watches.get(name)
-        if watch is None:
-            placement = await self._placement(name)
-            if placement.owner is None:
-                why = "it is disabled" if not placement.camera.enabled else "it waits for a replica to take it"
-                raise NoCameraFrame(f"camera {name!r} has no scored frame: it runs on no replica now ({why})")
-            raise CameraElsewhere(f"camera {name!r} runs on replica {placement.owner!r}, not on this one "
-                                  f"({self.replica.id!r}): its latest frame is served there")
-        if watch.latest is None:
-            raise NoCameraFrame(f"camera {name!r} has no scored frame yet")
-        return watch.latest
+        watch.sharing = asyncio.create_task(write(), name=f"vad-camera-{name}-share")
 
     async def _launch(self, lease: Lease) -> None:
         camera, generation = lease.camera, lease.generation
@@ -324,6 +325,8 @@ class CameraManager:
         """Stop a camera's reader and task; its open event (if any) closes (fenced: not when another
         replica holds the camera now). ``forget``: it stops running here, its metrics go too."""
         await cancel_and_wait(watch.task)
+        if watch.sharing is not None:
+            await watch.sharing  # a write in flight finishes before the pictures are removed below
         if watch.source is not None:
             await asyncio.to_thread(watch.source.stop)
         try:
@@ -358,9 +361,7 @@ class CameraManager:
                 continue
             self._record_frame(name, watch.status, result, frame.captured_at)
             watch.latest = Latest(frame.gray, result, model, frame.captured_at)
-            if self.others_live and time.monotonic() - watch.shared_at >= SHARE_EVERY_S:
-                watch.shared_at = time.monotonic()
-                await self._share(name, watch.latest)
+            self._share(watch)
             try:
                 await events.observe(frame.gray, result, model, frame.captured_at)
             except Exception:  # the camera keeps being scored whatever the event recorder does
