@@ -76,7 +76,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store=ModelStore(settings, metrics),
         batcher=Batcher(settings.max_batch_patches, settings.max_queue_delay_s, settings.max_queue, metrics),
         events=EventRecorder(settings, metrics, replica),
-        replica_id=replica.id,
     )
     # VAD_CAMERA_URL_ALLOW is parsed here: a malformed entry stops the server from starting
     services.cameras = CameraManager(settings, metrics, services.store, services.batcher, services.events, replica)

@@ -30,7 +30,6 @@ class Services:
     events: EventRecorder  # events from scored frames: store, bus (SSE, webhooks), retention
     upload_dir: Path | None = None  # a private temp folder, created at startup
     cameras: CameraManager | None = None  # the cameras the server watches; set by create_app
-    replica_id: str = ""  # this server's name among the replicas sharing the database (service/replicas.py)
 
 
 def get_services(connection: HTTPConnection) -> Services:

@@ -39,12 +39,11 @@ class EventBus:
                 listener(kind, event)
             except Exception:  # noqa: BLE001 - one broken listener must not stop the others
                 log.exception("event listener %r failed on %s", listener, kind)
-        for queue in self._queues:
-            self._put(queue, (kind, event))
+        self.relay(kind, event)
 
     def relay(self, kind: str, event: dict[str, Any]) -> None:
-        """A change made on another replica (service/events/relay.py): to the subscribers only. The
-        listeners (the webhook outbox) have had it on the replica that made it."""
+        """To the subscribers only: the last step of ``publish``, and the whole of it for a change made
+        on another replica (service/events/relay.py), whose listeners (the webhook outbox) have had it."""
         for queue in self._queues:
             self._put(queue, (kind, event))
 

@@ -85,6 +85,8 @@ class OutboxStore:
     def claim(self, url: str, replica: str, now: float, live_since: float) -> Claim:
         """Claim ``url``'s oldest delivery for ``replica`` if it is due and nobody else holds it (a
         claim by a replica not seen since ``live_since`` is dead and taken over)."""
+        if self.head(url) is None:  # nothing waiting: a read, not a write lock (SQLite's is the whole file's)
+            return Claim(None)
         with self.database.write() as db:
             row = db.execute(
                 "SELECT id, url, kind, event, attempts, next_at, claimed_by FROM webhook_outbox WHERE url = ? "

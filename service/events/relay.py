@@ -6,7 +6,9 @@ load balancer, a browser's SSE stream lands on one replica; without this it woul
 of the cameras the others run.
 
 - Every change published on this replica's bus is also written to the table ``event_changes`` (one
-  short insert, like the webhook outbox's).
+  short insert, like the webhook outbox's). Also while it is alone: a replica joining could not be
+  told in time to see the changes of the next moments (a heartbeat apart), and changes are rare (an
+  open event's at most every 2 s).
 - Every ``POLL_S`` the replica reads the rows other replicas wrote since its last read and hands them
   to its SSE subscribers only (``EventBus.relay``): webhooks stay with the replica that made the
   change, which has already put them in the outbox.
@@ -56,13 +58,14 @@ class ChangeLog:
             row = db.execute("SELECT MAX(seq) AS seq FROM event_changes").fetchone()
         return int(row["seq"] or 0)
 
-    def after(self, seq: int, replica: str) -> list[tuple[int, str, dict[str, Any]]]:
-        """(seq, kind, event) of the changes other replicas than ``replica`` wrote with a seq above ``seq``, in order."""
+    def after(self, seq: int, replica: str) -> list[tuple[int, str, str]]:
+        """(seq, kind, event as JSON text) of the changes other replicas than ``replica`` wrote with a
+        seq above ``seq``, in order."""
         with self.database.read() as db:
             rows = db.execute(
                 "SELECT seq, kind, event FROM event_changes WHERE seq > ? AND replica <> ? ORDER BY seq", (seq, replica)
             ).fetchall()
-        return [(int(row["seq"]), row["kind"], json.loads(row["event"])) for row in rows]
+        return [(int(row["seq"]), row["kind"], row["event"]) for row in rows]
 
     def prune(self, older_than: float) -> int:
         with self.database.write() as db:
@@ -108,9 +111,9 @@ class EventRelay:
         relayed = 0
         for seq, kind, event in changes:
             if seq in self._relayed or seq <= self._floor:
-                continue
+                continue  # relayed already (the look-back reads it again), or from before the start
             self._relayed.add(seq)
-            self.bus.relay(kind, event)
+            self.bus.relay(kind, json.loads(event))
             relayed += 1
         if changes:
             self._highest = max(self._highest, changes[-1][0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import Request
 from starlette.responses import Response
 
 from service.deps import ServicesDep
@@ -21,8 +22,8 @@ async def healthz() -> Health:
     "/readyz", response_model=Readiness, summary="A model is loaded",
     responses={503: {"model": ErrorResponse, "description": "No model loaded"}},
 )
-async def readyz(services: ServicesDep) -> Readiness:
-    return Readiness(status="ready", model_version=services.store.require().version, replica=services.replica_id)
+async def readyz(request: Request, services: ServicesDep) -> Readiness:
+    return Readiness(status="ready", model_version=services.store.require().version, replica=request.app.state.replica.id)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
