@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from model.encoding import processing_size
-from model.patches import GridShape, grid_shape
+from model.patches import grid_shape
 from model.results import FrameResult
 from model.scoring import FrameStream, finish_streams, prepare_streams
 from service.background import cancel_and_wait
@@ -207,28 +207,25 @@ class Batcher:
         return batch
 
     def _forward(self, model: ServingModel, batch: list[_Job]) -> tuple[list[Any], float]:
-        """The batch's results in job order: raw components (patch jobs) or frame results (chunks:
-        finished together, model.scoring.finish_streams)."""
+        """The batch's results in job order: raw components (patch jobs), or frame results (chunks:
+        prepared and finished together, model.scoring.prepare_streams / finish_streams). A batch is
+        one model's, whose encoding makes every job of it one kind or the other."""
         started = time.perf_counter()
         chunks = [job.chunk for job in batch if job.chunk is not None]
-        prepared = iter(prepare_streams(chunks)) if chunks else iter(())
-        plans = [job.patches if job.patches is not None else next(prepared) for job in batch]
-        parts = [plan if isinstance(plan, torch.Tensor) else plan[0] for plan in plans]
+        if chunks:
+            prepared = prepare_streams(chunks)
+            parts = [patches for patches, _, _ in prepared]
+        else:
+            parts = [job.patches for job in batch if job.patches is not None]
+        if len(parts) != len(batch):
+            raise ValueError("a batch mixes patch jobs and frame chunks")
         patches = parts[0] if len(parts) == 1 else torch.cat(parts)
-        raw = model.scorer.raw_scores(patches, batch_size=self.max_batch_patches)
-        results: list[Any] = []
-        finishing: list[tuple[int, tuple[FrameStream, torch.Tensor, GridShape, int]]] = []
-        for job, plan, part in zip(batch, plans, raw.split([p.shape[0] for p in parts])):
-            if isinstance(plan, torch.Tensor):
-                results.append(part)
-            else:
-                assert job.chunk is not None
-                finishing.append((len(results), (job.chunk[0], part, plan[1], plan[2])))
-                results.append(None)
-        if finishing:
-            for (position, _), frames in zip(finishing, finish_streams([chunk for _, chunk in finishing])):
-                results[position] = frames
-        return results, time.perf_counter() - started
+        raw = model.scorer.raw_scores(patches, batch_size=self.max_batch_patches).split([p.shape[0] for p in parts])
+        if not chunks:
+            return list(raw), time.perf_counter() - started
+        finished = finish_streams([(stream, part, grid, count)
+                                   for (stream, _), part, (_, grid, count) in zip(chunks, raw, prepared)])
+        return finished, time.perf_counter() - started
 
     async def _execute(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
