@@ -14,8 +14,9 @@ import httpx
 
 from tests.cameras.conftest import FPS
 from tests.cameras.mjpeg import MjpegCamera
-from tests.cameras.test_cameras import decodes, wait_until
+from tests.cameras.test_cameras import WAIT_S, decodes
 from tests.events.test_webhooks import SECRET, Receiver
+from tests.jobs.helpers import wait_for
 from tests.support import synthetic_frames
 
 ANOMALY_FRAMES = 20  # the planted anomaly lasts frames 20..39 of each 60-frame loop: 2 s at 10 fps
@@ -58,10 +59,10 @@ def test_a_camera_anomaly_becomes_an_event_on_sse_and_a_signed_webhook(live_serv
         assert sse.opened.wait(60)
         with httpx.Client(base_url=server.url, timeout=30) as http:
             assert http.post("/v1/cameras", json={"name": "dock", "url": camera.url, "fps": FPS}).status_code == 201
-            closed = wait_until(
+            closed = wait_for(
                 lambda: [e for e in http.get("/v1/events", params={"camera": "dock"}).json()["events"]
                          if e["state"] == "closed"],
-                "the planted anomaly's event to close", timeout_s=120)
+                120, what="the planted anomaly's event to close")
             event = closed[-1]
             assert event["source"] == "camera" and event["model_version"] == "v0001"
             seconds = datetime.fromisoformat(event["end"]).timestamp() - datetime.fromisoformat(event["start"]).timestamp()
@@ -70,9 +71,9 @@ def test_a_camera_anomaly_becomes_an_event_on_sse_and_a_signed_webhook(live_serv
             assert decodes(http.get(event["snapshot_url"]).content).ndim == 2
             assert decodes(http.get(event["heatmap_url"]).content).shape[2] == 3
 
-            wait_until(lambda: ("closed", event["id"]) in [(k, e["id"]) for k, e in sse.changes], "SSE: closed")
+            wait_for(lambda: ("closed", event["id"]) in [(k, e["id"]) for k, e in sse.changes], WAIT_S, what="SSE: closed")
             assert [k for k, e in sse.changes if e["id"] == event["id"]][0] == "opened"
-            wait_until(lambda: ("closed", event["id"]) in receiver.ids(), "the webhook: closed")
+            wait_for(lambda: ("closed", event["id"]) in receiver.ids(), WAIT_S, what="the webhook: closed")
             assert ("opened", event["id"]) in receiver.ids() and receiver.bad_signatures == 0
             delivered = next(d for d in receiver.received if d["type"] == "closed" and d["event"]["id"] == event["id"])
             assert delivered["event"] == {**event, **{k: delivered["event"][k] for k in ("snapshot_url", "heatmap_url")}}
